@@ -1,0 +1,3 @@
+from dstackctl.cli.main import main
+
+main()

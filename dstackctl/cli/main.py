@@ -1,0 +1,73 @@
+"""The Typer application and the one place that turns errors into exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from dstackctl import __version__
+from dstackctl.cli import config_commands
+from dstackctl.cli.output import state
+from dstackctl.errors import DstackctlError, ExitCode
+
+app = typer.Typer(
+    name="dstackctl",
+    help="Run dstack services with probes on this machine's Docker engine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+config_commands.register(app)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dstackctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of unexpected errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Run dstack services with probes on this machine's Docker engine."""
+    state.debug = debug
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code; never lets a traceback out without --debug."""
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="dstackctl")
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        return ExitCode.INTERRUPTED
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        return ExitCode.INTERRUPTED
+    except typer.TyperException as exc:  # usage errors: typer prints them with a hint
+        exc.show()  # type: ignore[attr-defined]
+        return int(getattr(exc, "exit_code", ExitCode.USAGE))
+    except DstackctlError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        return exc.exit_code
+    except Exception as exc:
+        if state.debug:
+            raise
+        typer.echo(
+            f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+            err=True,
+        )
+        return ExitCode.FAILED
+    return result if isinstance(result, int) else ExitCode.OK

@@ -1,0 +1,19 @@
+"""Process-wide output settings and small rendering helpers shared by commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import typer
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+state = _State()
+
+
+def warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
