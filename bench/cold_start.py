@@ -1,0 +1,177 @@
+"""Cold-start benchmark: how long a fresh ``dstackctl`` process takes over bare Python.
+
+Each round runs every command once, in a fresh process, interleaved so machine noise hits
+all commands alike; a warm-up round is not counted. Target: the median of each dstackctl
+command is within 120 ms of the median of ``python -c pass`` (same interpreter).
+
+    .venv/bin/python bench/cold_start.py [--runs 15] [--json]
+
+Exit status: 0 when every command meets the target, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TARGET_MS = 120.0
+BASELINE = "python -c pass"
+
+
+@dataclass
+class Command:
+    label: str
+    argv: list[str]
+    times_ms: list[float] = field(default_factory=list)
+    exit_codes: set[int] = field(default_factory=set)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def p90_ms(self) -> float:
+        return statistics.quantiles(self.times_ms, n=10, method="inclusive")[8]
+
+
+def build_commands() -> tuple[list[Command], list[str]]:
+    """The commands to time, and notes on what was left out or looks odd."""
+    notes: list[str] = []
+    dstackctl = Path(sys.executable).parent / "dstackctl"
+    commands = [
+        Command(BASELINE, [sys.executable, "-c", "pass"]),
+        Command("dstackctl --help", [str(dstackctl), "--help"]),
+    ]
+    samples = sorted(REPO_ROOT.glob("samples/*.yml"))
+    if samples:
+        commands.append(
+            Command(
+                "dstackctl validate samples/*.yml",
+                [str(dstackctl), "validate", *(str(s) for s in samples)],
+            )
+        )
+    else:
+        notes.append("no samples/*.yml found: 'dstackctl validate' not timed")
+    if not dstackctl.exists():
+        notes.append(f"{dstackctl} not found: install the package into this interpreter")
+    return commands, notes
+
+
+def run_once(command: Command) -> None:
+    start = time.perf_counter()
+    completed = subprocess.run(
+        command.argv,
+        cwd=REPO_ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    command.times_ms.append((time.perf_counter() - start) * 1000)
+    command.exit_codes.add(completed.returncode)
+
+
+def run_all(commands: list[Command], runs: int, warmup: int) -> None:
+    for _ in range(warmup):
+        for command in commands:
+            run_once(command)
+    for command in commands:
+        command.times_ms.clear()
+        command.exit_codes.clear()
+    for _ in range(runs):
+        for command in commands:
+            run_once(command)
+
+
+def summarise(commands: list[Command], runs: int, notes: list[str]) -> dict[str, object]:
+    baseline = commands[0].median_ms
+    rows = []
+    for command in commands:
+        over = None if command.label == BASELINE else command.median_ms - baseline
+        rows.append(
+            {
+                "command": command.label,
+                "median_ms": round(command.median_ms, 1),
+                "p90_ms": round(command.p90_ms, 1),
+                "over_python_ms": None if over is None else round(over, 1),
+                "exit_codes": sorted(command.exit_codes),
+                "passed": None if over is None else over <= TARGET_MS,
+            }
+        )
+    return {
+        "schema": 1,
+        "python": sys.executable,
+        "runs": runs,
+        "target_over_python_ms": TARGET_MS,
+        "results": rows,
+        "notes": notes,
+        "passed": all(row["passed"] is not False for row in rows),
+    }
+
+
+def render_table(summary: dict[str, object]) -> str:
+    header = ("command", "median ms", "p90 ms", "over python ms", "exit", "target")
+    lines: list[tuple[str, ...]] = [header]
+    rows = summary["results"]
+    assert isinstance(rows, list)
+    for row in rows:
+        over = row["over_python_ms"]
+        verdict = "" if row["passed"] is None else ("PASS" if row["passed"] else "FAIL")
+        lines.append(
+            (
+                row["command"],
+                f"{row['median_ms']:.1f}",
+                f"{row['p90_ms']:.1f}",
+                "" if over is None else f"{over:+.1f}",
+                ",".join(str(code) for code in row["exit_codes"]),
+                verdict,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for line in lines:
+        cells = [
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+    out.append(
+        f"target: median within {TARGET_MS:.0f} ms of bare Python; {summary['runs']} runs each, interleaved"
+    )
+    notes = summary["notes"]
+    assert isinstance(notes, list)
+    out.extend(f"note: {note}" for note in notes)
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=15, help="timed runs per command (>= 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if args.runs < 2:
+        parser.error("--runs must be at least 2")
+
+    commands, notes = build_commands()
+    run_all(commands, args.runs, args.warmup)
+    for command in commands:
+        if command.exit_codes != {0}:
+            notes.append(f"{command.label!r} exited with {sorted(command.exit_codes)}")
+    summary = summarise(commands, args.runs, notes)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(render_table(summary))
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
