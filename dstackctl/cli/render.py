@@ -1,0 +1,83 @@
+"""Rendering of runs: dstack's `ps` table and the versioned JSON envelope."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dstackctl.runs import RunView
+from dstackctl.timeutil import ago
+
+JSON_VERSION = 1
+MESSAGE_WIDTH = 60
+
+
+def runs_json(views: list[RunView]) -> str:
+    return json.dumps({"version": JSON_VERSION, "runs": [v.to_json() for v in views]}, indent=2)
+
+
+def _probe_symbols(replica: dict[str, Any]) -> str:
+    if replica.get("status") != "running":
+        return ""
+    return "".join(p.get("symbol", "") for p in replica.get("probes") or [])
+
+
+def _replica_status(replica: dict[str, Any]) -> str:
+    status = str(replica["status"])
+    if status == "failed" and replica.get("exit_code") is not None:
+        return f"failed (exit {replica['exit_code']})"
+    return status
+
+
+def _clip(text: str | None, wide: bool) -> str:
+    if not text:
+        return ""
+    text = " ".join(text.split())
+    return text if wide or len(text) <= MESSAGE_WIDTH else text[: MESSAGE_WIDTH - 1] + "…"
+
+
+def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
+    from tabulate import tabulate
+
+    headers = ["NAME", "BACKEND", "STATUS", "PROBES", "SUBMITTED", "URL"]
+    if verbose:
+        headers.append("MESSAGE")
+    if wide:
+        headers.append("CONTAINER")
+    rows: list[list[str]] = []
+    for run in views:
+        row = [
+            f"{run.name} deployment={run.deployment_num}" if verbose else run.name,
+            "",
+            run.status if run.agent_alive or not run.active else f"{run.status} (agent down)",
+            "",
+            ago(run.submitted_at),
+            run.url or "",
+        ]
+        if verbose:
+            row.append(_clip(run.engine_problem, wide))
+        if wide:
+            row.append("")
+        if not verbose:
+            row[1] = "local"
+        rows.append(row)
+        if not verbose:
+            continue
+        for replica in run.replicas:
+            line = [
+                f"  replica={replica['replica_num']} job={replica.get('job_num', 0)} "
+                f"deployment={replica.get('deployment_num', run.deployment_num)}",
+                "local",
+                _replica_status(replica),
+                _probe_symbols(replica),
+                ago(replica.get("submitted_at") or run.submitted_at),
+                replica.get("url") or "",
+                _clip(replica.get("message"), wide),
+            ]
+            if wide:
+                line.append((replica.get("container_id") or "")[:12])
+            rows.append(line)
+    if not rows:
+        return "No services. Start one with `dstackctl run -f FILE`."
+    # preserve_whitespace keeps dstack's indented replica rows
+    return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True, preserve_whitespace=True)

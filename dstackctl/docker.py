@@ -1,0 +1,383 @@
+"""The one module that talks to Docker (docker-py); everything above sees small wrappers.
+
+Errors from the engine become DstackctlError with one sentence that says what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest
+
+from dstackctl.errors import DstackctlError
+
+LABEL_RUN = "dstackctl.run"
+LABEL_HOME = "dstackctl.home"
+LABEL_REPLICA = "dstackctl.replica"
+LABEL_JOB = "dstackctl.job"
+LABEL_DEPLOYMENT = "dstackctl.deployment"
+LABEL_CONFIG_HASH = "dstackctl.config-hash"
+
+NO_GPU_RUNTIME = (
+    "this Docker engine has no NVIDIA GPU runtime; install nvidia-container-toolkit, "
+    "run `nvidia-ctk runtime configure --runtime=docker` and restart Docker"
+)
+
+
+class DockerError(DstackctlError):
+    """The engine refused or failed an operation."""
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything needed to create one replica container."""
+
+    name: str
+    image: str
+    labels: dict[str, str]
+    container_port: int
+    entrypoint: list[str] | None = None
+    command: list[str] | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    working_dir: str | None = None
+    user: str | None = None
+    privileged: bool = False
+    binds: dict[str, dict[str, str]] = field(default_factory=dict)
+    shm_size_bytes: int | None = None
+    mem_limit_bytes: int | None = None
+    nano_cpus: int | None = None
+    gpu_count: int = 0
+    gpu_device_ids: list[str] | None = None
+    stop_grace_seconds: int = 10
+    publish_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Replica:
+    """What Docker says about one replica container."""
+
+    id: str
+    name: str
+    labels: dict[str, str]
+    status: str  # Docker's: created, running, exited, dead, paused, restarting, removing
+    exit_code: int | None
+    oom_killed: bool
+    host_port: int | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+
+    @property
+    def run_name(self) -> str:
+        return self.labels.get(LABEL_RUN, "")
+
+    @property
+    def replica_num(self) -> int:
+        return int(self.labels.get(LABEL_REPLICA, "-1"))
+
+    @property
+    def deployment_num(self) -> int:
+        return int(self.labels.get(LABEL_DEPLOYMENT, "0"))
+
+    @property
+    def config_hash(self) -> str:
+        return self.labels.get(LABEL_CONFIG_HASH, "")
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> Replica:
+        state = attrs.get("State", {})
+        labels = attrs.get("Config", {}).get("Labels") or {}
+        host_port = None
+        for bindings in (attrs.get("NetworkSettings", {}).get("Ports") or {}).values():
+            for binding in bindings or []:
+                if binding.get("HostPort"):
+                    host_port = int(binding["HostPort"])
+                    break
+        status = state.get("Status", "unknown")
+        return cls(
+            id=attrs["Id"],
+            name=attrs.get("Name", "").lstrip("/"),
+            labels=labels,
+            status=status,
+            exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
+            oom_killed=bool(state.get("OOMKilled")),
+            host_port=host_port,
+            started_at=_docker_time(state.get("StartedAt")),
+            finished_at=_docker_time(state.get("FinishedAt")),
+            error=state.get("Error") or None,
+        )
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> Replica:
+        """From a `containers` list entry of a running container (no inspect needed)."""
+        ports = [p for p in summary.get("Ports") or [] if p.get("PublicPort")]
+        return cls(
+            id=summary["Id"],
+            name=(summary.get("Names") or ["/"])[0].lstrip("/"),
+            labels=summary.get("Labels") or {},
+            status=summary.get("State", "unknown"),
+            exit_code=None,
+            oom_killed=False,
+            host_port=int(ports[0]["PublicPort"]) if ports else None,
+            started_at=None,
+            finished_at=None,
+            error=None,
+        )
+
+
+def _docker_time(value: str | None) -> str | None:
+    if not value or value.startswith("0001-"):
+        return None
+    return value
+
+
+def _engine_error(exc: Exception) -> DockerError:
+    text = str(exc)
+    if isinstance(exc, docker.errors.DockerException) and "Permission denied" in text:
+        return DockerError(
+            "permission denied on the Docker socket; add your user to the `docker` group "
+            "(then log in again) or run as root"
+        )
+    if (
+        "No such file or directory" in text
+        or "Connection refused" in text
+        or isinstance(exc, requests.exceptions.ConnectionError)
+    ):
+        return DockerError(
+            "Docker is not running (cannot reach its socket); start it with "
+            "`sudo systemctl start docker` or `sudo dockerd &`"
+        )
+    return DockerError(f"cannot talk to Docker: {text}")
+
+
+class DockerEngine:
+    """A connection to the local engine with the few operations dstackctl needs."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._api = client.api
+
+    @classmethod
+    def connect(cls, timeout: int = 30) -> DockerEngine:
+        try:
+            client = docker.from_env(timeout=timeout)
+            client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _engine_error(exc) from None
+        return cls(client)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def ping(self) -> None:
+        try:
+            self._client.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _engine_error(exc) from None
+
+    # --- queries ------------------------------------------------------------------------
+
+    def list_replicas(self, labels: dict[str, str]) -> list[Replica]:
+        """Every container (running or not) carrying all `labels`.
+
+        One list call; only containers that stopped are inspected (for exit code and OOM).
+        """
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        try:
+            summaries = self._api.containers(all=True, filters=filters)
+            result = []
+            for summary in summaries:
+                if summary.get("State") == "running":
+                    result.append(Replica.from_summary(summary))
+                    continue
+                with contextlib.suppress(docker.errors.NotFound):
+                    result.append(Replica.from_attrs(self._api.inspect_container(summary["Id"])))
+            return result
+        except docker.errors.APIError as exc:
+            raise DockerError(f"cannot list containers: {exc.explanation}") from None
+        except requests.exceptions.RequestException as exc:
+            raise _engine_error(exc) from None
+
+    def has_image(self, image: str) -> bool:
+        try:
+            self._api.inspect_image(image)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.APIError as exc:
+            raise DockerError(f"cannot inspect image {image}: {exc.explanation}") from None
+
+    def gpu_runtime_available(self) -> bool:
+        info = self._client.info()
+        return "nvidia" in (info.get("Runtimes") or {})
+
+    # --- images -------------------------------------------------------------------------
+
+    def pull(
+        self,
+        image: str,
+        progress: Callable[[str], None] = lambda _: None,
+        auth: dict[str, str] | None = None,
+    ) -> None:
+        """Pull `image`, reporting progress as short text such as `downloading 45% (3 layers)`."""
+        repository, tag = _split_image(image)
+        layers: dict[str, tuple[int, int]] = {}
+        try:
+            for event in self._api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth):
+                if "error" in event:
+                    raise DockerError(_pull_failed(image, event["error"]))
+                detail = event.get("progressDetail") or {}
+                if event.get("id") and detail.get("total"):
+                    layers[event["id"]] = (detail.get("current", 0), detail["total"])
+                    done = sum(c for c, _ in layers.values())
+                    total = sum(t for _, t in layers.values())
+                    progress(f"pulling {image}: {100 * done // max(total, 1)}% of {len(layers)} layers")
+        except docker.errors.APIError as exc:
+            raise DockerError(_pull_failed(image, str(exc.explanation))) from None
+        except requests.exceptions.RequestException as exc:
+            raise _engine_error(exc) from None
+
+    # --- containers ---------------------------------------------------------------------
+
+    def create_and_start(self, spec: ReplicaSpec) -> Replica:
+        port_key = f"{spec.container_port}/tcp"
+        device_requests = None
+        if spec.gpu_count or spec.gpu_device_ids:
+            device_requests = [
+                DeviceRequest(
+                    count=None if spec.gpu_device_ids else spec.gpu_count,
+                    device_ids=spec.gpu_device_ids,
+                    capabilities=[["gpu"]],
+                )
+            ]
+        host_config = self._api.create_host_config(
+            port_bindings={port_key: (spec.publish_host, None)},
+            binds=spec.binds or None,
+            init=True,
+            privileged=spec.privileged,
+            shm_size=spec.shm_size_bytes,
+            mem_limit=spec.mem_limit_bytes,
+            nano_cpus=spec.nano_cpus,
+            device_requests=device_requests,
+        )
+        try:
+            created = self._api.create_container(
+                spec.image,
+                name=spec.name,
+                command=spec.command,
+                entrypoint=spec.entrypoint,
+                environment=spec.environment,
+                working_dir=spec.working_dir,
+                user=spec.user or "",
+                labels=spec.labels,
+                ports=[spec.container_port],
+                host_config=host_config,
+                stop_timeout=spec.stop_grace_seconds,
+                detach=True,
+            )
+        except docker.errors.ImageNotFound:
+            raise DockerError(f"image {spec.image} is not on this machine; build or pull it first") from None
+        except docker.errors.APIError as exc:
+            raise DockerError(f"cannot create a container: {exc.explanation}") from None
+        container_id = created["Id"]
+        try:
+            self._api.start(container_id)
+        except docker.errors.APIError as exc:
+            with contextlib.suppress(docker.errors.APIError):
+                self._api.remove_container(container_id, force=True)
+            explanation = str(exc.explanation or exc)
+            if "could not select device driver" in explanation or "nvidia" in explanation.lower():
+                raise DockerError(NO_GPU_RUNTIME) from None
+            if "port is already allocated" in explanation or "address already in use" in explanation:
+                raise DockerError(f"the port is in use: {explanation}") from None
+            raise DockerError(f"cannot start container {spec.name}: {explanation}") from None
+        return self.inspect(container_id)
+
+    def inspect(self, container_id: str) -> Replica:
+        try:
+            return Replica.from_attrs(self._api.inspect_container(container_id))
+        except docker.errors.NotFound:
+            raise DockerError(f"container {container_id[:12]} no longer exists") from None
+
+    def stop_and_remove(self, container_id: str, grace_seconds: int) -> None:
+        """Stop with SIGTERM, SIGKILL after the grace period, then remove. Gone is fine."""
+        try:
+            self._api.stop(container_id, timeout=grace_seconds)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            pass  # already stopping or dead; removal below forces it
+        with contextlib.suppress(docker.errors.NotFound):
+            try:
+                self._api.remove_container(container_id, force=True)
+            except docker.errors.APIError as exc:
+                if "already in progress" not in str(exc):
+                    raise DockerError(f"cannot remove container {container_id[:12]}: {exc}") from None
+
+    def logs(
+        self,
+        container_id: str,
+        tail: int | None = None,
+        follow: bool = False,
+        stop: threading.Event | None = None,
+    ) -> Iterator[bytes]:
+        """Log lines (stdout and stderr) as bytes, ending with the container or on `stop`."""
+        try:
+            stream = self._api.logs(
+                container_id,
+                stdout=True,
+                stderr=True,
+                stream=True,
+                follow=follow,
+                tail="all" if tail is None else tail,
+            )
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            raise DockerError(f"cannot read logs: {exc.explanation}") from None
+        buffer = b""
+        try:
+            for chunk in stream:
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                yield from (line + b"\n" for line in lines)
+                if stop is not None and stop.is_set():
+                    break
+        finally:
+            with contextlib.suppress(Exception):
+                stream.close()
+        if buffer:
+            yield buffer
+
+    def tail_text(self, container_id: str, lines: int) -> list[str]:
+        try:
+            raw = self._api.logs(container_id, stdout=True, stderr=True, tail=lines)
+        except docker.errors.APIError:
+            return []
+        text: str = raw.decode("utf-8", "replace")
+        return text.splitlines()[-lines:]
+
+
+def _split_image(image: str) -> tuple[str, str]:
+    name, _, digest = image.partition("@")
+    if digest:
+        return name, digest
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        repository, _, tag = name.rpartition(":")
+        return repository, tag
+    return name, "latest"
+
+
+def _pull_failed(image: str, reason: str) -> str:
+    return (
+        f"image {image} is not on this machine and pulling it failed ({reason.strip()}); "
+        f"build it locally or check the name and your registry access"
+    )

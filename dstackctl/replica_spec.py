@@ -1,0 +1,175 @@
+"""How dstack turns a service configuration into one replica's container (pure logic)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dstackctl.config.models import ServiceConfiguration
+from dstackctl.docker import (
+    LABEL_CONFIG_HASH,
+    LABEL_DEPLOYMENT,
+    LABEL_HOME,
+    LABEL_JOB,
+    LABEL_REPLICA,
+    LABEL_RUN,
+    ReplicaSpec,
+)
+
+BASE_IMAGE = "dstackai/base:0.15-base-ubuntu24.04"
+BASE_IMAGE_DEVEL = "dstackai/base:0.15-devel-ubuntu24.04"
+BASE_IMAGE_VARIABLE = "DSTACK_DOCKER_BASE_IMAGE"
+VENV_DIR = "/dstack/venv"
+DEFAULT_STOP_GRACE_SECONDS = 10
+_GB = 1024**3
+
+
+def config_hash(config_data: Mapping[str, Any], env_values: Mapping[str, str]) -> str:
+    """Identifies a configuration together with the env values it runs with."""
+    canonical = json.dumps({"config": config_data, "env": env_values}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def home_label(home: Path) -> str:
+    """Containers of different stores (e.g. test runs) must never be adopted by each other."""
+    return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+
+
+def image_of(config: ServiceConfiguration, environ: Mapping[str, str] = os.environ) -> str:
+    if config.image:
+        return config.image
+    default = BASE_IMAGE_DEVEL if config.nvcc else BASE_IMAGE
+    return environ.get(BASE_IMAGE_VARIABLE, default)
+
+
+def join_commands(commands: list[str]) -> str:
+    """dstack's join: ` && ` between commands; a command ending in `&` is wrapped in braces."""
+    parts = []
+    for command in commands:
+        stripped = command.strip()
+        if stripped.endswith("&") and not stripped.endswith("&&"):
+            parts.append("{ " + stripped + " }")
+        else:
+            parts.append(stripped)
+    return " && ".join(parts)
+
+
+def _shell(config: ServiceConfiguration) -> str:
+    if config.shell in (None, ""):
+        return "/bin/sh" if config.image else "/bin/bash"
+    if config.shell in ("sh", "bash"):
+        return f"/bin/{config.shell}"
+    return config.shell
+
+
+def _commands(config: ServiceConfiguration) -> list[str]:
+    commands = [*config.setup, *config.commands]
+    if config.python and not config.image:
+        prelude = [
+            f"uv venv -q --prompt dstack -p {config.python} --seed {VENV_DIR}",
+            f". {VENV_DIR}/bin/activate",
+        ]
+        commands = [*prelude, *commands]
+    return commands
+
+
+def entrypoint_and_command(config: ServiceConfiguration) -> tuple[list[str] | None, list[str] | None]:
+    commands = _commands(config)
+    if config.entrypoint:
+        return shlex.split(config.entrypoint), commands or None
+    if commands:
+        return [_shell(config), "-c"], [join_commands(commands)]
+    return None, None
+
+
+def dstack_environment(
+    run_name: str, run_id: str, replica_num: int, job_id: str, gpus: int, working_dir: str | None
+) -> dict[str, str]:
+    """The DSTACK_* variables that mean something on one machine (one node, rank 0)."""
+    return {
+        "DSTACK_RUN_NAME": run_name,
+        "DSTACK_RUN_ID": run_id,
+        "DSTACK_JOB_ID": job_id,
+        "DSTACK_REPLICA_NUM": str(replica_num),
+        "DSTACK_NODE_RANK": "0",
+        "DSTACK_NODES_NUM": "1",
+        "DSTACK_MASTER_NODE_IP": "127.0.0.1",
+        "DSTACK_NODES_IPS": "127.0.0.1",
+        "DSTACK_GPUS_PER_NODE": str(gpus),
+        "DSTACK_GPUS_NUM": str(gpus),
+        **({"DSTACK_WORKING_DIR": working_dir} if working_dir else {}),
+    }
+
+
+def _binds(config: ServiceConfiguration, config_dir: Path) -> dict[str, dict[str, str]]:
+    binds = {}
+    for volume in config.volumes:
+        source = volume.source
+        if volume.is_host_path:
+            source = str((config_dir / Path(source).expanduser()).resolve())
+        binds[source] = {"bind": volume.path, "mode": "ro" if volume.read_only else "rw"}
+    return binds
+
+
+def build_replica_spec(
+    *,
+    config: ServiceConfiguration,
+    run_name: str,
+    run_id: str,
+    home: Path,
+    replica_num: int,
+    deployment_num: int,
+    cfg_hash: str,
+    env_values: Mapping[str, str],
+    config_dir: Path,
+    container_suffix: str,
+    gpu_device_ids: list[str] | None = None,
+) -> ReplicaSpec:
+    entrypoint, command = entrypoint_and_command(config)
+    gpu = config.resources.gpu
+    gpu_count = 0
+    if gpu_device_ids is not None:
+        gpu_count = len(gpu_device_ids)
+    elif gpu is not None and gpu.wants_gpus:
+        gpu_count = gpu.count.min or 1
+    job_id = f"{run_id}-{replica_num}-{deployment_num}"
+    environment = {
+        **dstack_environment(run_name, run_id, replica_num, job_id, gpu_count, config.working_dir),
+        **env_values,
+    }
+    memory = config.resources.memory
+    cpu = config.resources.cpu
+    grace = config.stop_duration if isinstance(config.stop_duration, int) else DEFAULT_STOP_GRACE_SECONDS
+    return ReplicaSpec(
+        name=f"dstackctl-{run_name}-{replica_num}-{container_suffix}",
+        image=image_of(config),
+        labels={
+            LABEL_RUN: run_name,
+            LABEL_HOME: home_label(home),
+            LABEL_REPLICA: str(replica_num),
+            LABEL_JOB: "0",
+            LABEL_DEPLOYMENT: str(deployment_num),
+            LABEL_CONFIG_HASH: cfg_hash,
+        },
+        container_port=config.port.container_port,
+        entrypoint=entrypoint,
+        command=command,
+        environment=environment,
+        working_dir=config.working_dir,
+        user=config.user,
+        privileged=config.privileged,
+        binds=_binds(config, config_dir),
+        shm_size_bytes=int(config.resources.shm_size * _GB) if config.resources.shm_size else None,
+        mem_limit_bytes=int(memory.max * _GB) if memory and memory.max and memory.max != memory.min else None,
+        nano_cpus=int(min(cpu.max, os.cpu_count() or 1) * 1e9)
+        if cpu and cpu.max and cpu.max != cpu.min
+        else None,
+        gpu_count=gpu_count,
+        gpu_device_ids=gpu_device_ids,
+        stop_grace_seconds=grace,
+    )

@@ -1,0 +1,162 @@
+"""The JSON state store: one folder per service under $DSTACKCTL_HOME.
+
+- `spec.json`: what the user asked for (written by the CLI); env values are not in it.
+- `secrets.json`: resolved env values and registry credentials, read by the agent only.
+- `state.json`: what the agent observed (written by the agent, read by `ps`).
+Writes go to a temporary file in the same folder, are fsynced and renamed over the old one,
+so readers see the old or the new document, never half of one. Read-modify-write cycles
+hold an exclusive flock on the service's lock file. Folders are 0700, files 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from dstackctl.errors import DstackctlError
+
+SCHEMA_VERSION = 1
+HOME_VARIABLE = "DSTACKCTL_HOME"
+SPEC, STATE, SECRETS = "spec", "state", "secrets"
+AGENT_LOG = "agent.log"
+
+Document = dict[str, Any]
+
+
+class StoreError(DstackctlError):
+    pass
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(HOME_VARIABLE) or "~/.dstackctl").expanduser()
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+class Store:
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = (home or default_home()).absolute()
+        self.services = self.home / "services"
+
+    def service_dir(self, name: str, create: bool = False) -> Path:
+        path = self.services / name
+        if create:
+            _private_dir(self.home)
+            _private_dir(self.services)
+            _private_dir(path)
+        return path
+
+    def names(self) -> list[str]:
+        try:
+            return sorted(p.name for p in self.services.iterdir() if (p / f"{SPEC}.json").exists())
+        except FileNotFoundError:
+            return []
+
+    def exists(self, name: str) -> bool:
+        return (self.service_dir(name) / f"{SPEC}.json").exists()
+
+    def log_path(self, name: str) -> Path:
+        return self.service_dir(name) / AGENT_LOG
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        folder = self.service_dir(name, create=True)
+        fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def agent_lock(self, name: str) -> Iterator[bool]:
+        """Held by a service's agent for its whole life; yields False when another holds it."""
+        folder = self.service_dir(name, create=True)
+        fd = os.open(folder / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # A checker (`agent_alive`) holds the lock for microseconds: retry briefly before
+            # concluding that another agent owns the service.
+            for _attempt in range(40):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(0.05)
+            else:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def agent_alive(self, name: str) -> bool:
+        """True while some process holds the service's agent lock (immune to pid reuse)."""
+        try:
+            fd = os.open(self.service_dir(name) / "agent.lock", os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def read(self, name: str, kind: str) -> Document | None:
+        path = self.service_dir(name) / f"{kind}.json"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            document = json.loads(text)
+        except ValueError:
+            raise StoreError(
+                f"the state file {path} is corrupt (not JSON); remove {path.parent} "
+                f"and stop leftover containers with `dstackctl stop {name}`"
+            ) from None
+        if not isinstance(document, dict) or document.get("version") != SCHEMA_VERSION:
+            version = document.get("version") if isinstance(document, dict) else None
+            raise StoreError(
+                f"the state file {path} has schema version {version!r}, this dstackctl reads "
+                f"version {SCHEMA_VERSION}; use the dstackctl that wrote it or remove {path.parent}"
+            )
+        return document
+
+    def write(self, name: str, kind: str, document: Document) -> None:
+        folder = self.service_dir(name, create=True)
+        payload = json.dumps({**document, "version": SCHEMA_VERSION}, indent=1, sort_keys=True)
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{kind}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:  # mkstemp creates it 0600
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, folder / f"{kind}.json")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+
+    def update(self, name: str, kind: str, change: Callable[[Document], Document | None]) -> Document:
+        """Read, change and write under the service's lock; `change` may edit in place."""
+        with self.lock(name):
+            document = self.read(name, kind) or {}
+            result = change(document)
+            document = document if result is None else result
+            self.write(name, kind, document)
+            return document
