@@ -21,14 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dstackctl.config.models import ServiceConfiguration
+from dstackctl.config.models import ProbeConfig, ServiceConfiguration
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine, DockerError, Replica
+from dstackctl.probes import ProbeRunner, resolve_probes
 from dstackctl.replica_spec import build_replica_spec, home_label
 from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
 from dstackctl.timeutil import utc_now
 
 POLL_SECONDS = 0.5
 HEARTBEAT_SECONDS = 2.0
+# Probe results reach the store at most this often, but a change after a quiet spell at once.
+MIN_PUBLISH_GAP_SECONDS = 0.1
 LOG_TAIL_LINES = 5
 AGENT_MODULE = "dstackctl.agent"
 
@@ -85,6 +88,9 @@ class ServiceAgent:
         self._publish_lock = threading.Lock()
         self._replica_rows: list[dict[str, Any]] = []
         self._run_id: str | None = None
+        self._dirty = threading.Event()
+        self._probes: tuple[str, list[ProbeConfig]] | None = None
+        self.runner: ProbeRunner | None = None
 
     # --- main loop ----------------------------------------------------------------------
 
@@ -97,6 +103,17 @@ class ServiceAgent:
 
     def _loop(self) -> int:
         log.info("agent for %s started (pid %d)", self.name, os.getpid())
+        self.runner = ProbeRunner(on_change=lambda _key: self._dirty.set())
+        publisher = threading.Thread(target=self._publisher, name="publisher", daemon=True)
+        publisher.start()
+        try:
+            return self._reconcile_until_stopped()
+        finally:
+            self.stop.set()
+            self.runner.close()
+            publisher.join(1.0)
+
+    def _reconcile_until_stopped(self) -> int:
         while not self.stop.is_set():
             try:
                 spec = self.store.read(self.name, SPEC)
@@ -160,7 +177,36 @@ class ServiceAgent:
         if missing:
             created = self._create(engine, desired, missing)
             keep.update(created)
+        self._watch_probes(desired, keep)
         self._publish(self._rows(desired, keep), force=False)
+
+    def _watch_probes(self, desired: _Desired, keep: dict[int, Replica]) -> None:
+        """Probe running replicas from now on; stop probing the others."""
+        assert self.runner is not None
+        if self._probes is None or self._probes[0] != desired.config_hash:
+            self._probes = (desired.config_hash, resolve_probes(desired.config, desired.env))
+        probes = self._probes[1]
+        running = {r.id: r for r in keep.values() if r.status == "running" and r.host_port}
+        for key in self.runner.watched():
+            if key not in running:
+                self.runner.forget(key)
+        for replica in running.values():
+            assert replica.host_port is not None
+            self.runner.watch(replica.id, "127.0.0.1", replica.host_port, probes)
+
+    def _publisher(self) -> None:
+        """Writes probe changes to the store promptly, at most every MIN_PUBLISH_GAP_SECONDS."""
+        while not self.stop.is_set():
+            if not self._dirty.wait(0.5):
+                continue
+            gap = MIN_PUBLISH_GAP_SECONDS - (time.monotonic() - self._last_publish_time)
+            if gap > 0 and self.stop.wait(gap):
+                return
+            self._dirty.clear()
+            try:
+                self._publish(self._replica_rows, force=False)
+            except OSError as exc:
+                log.error("cannot write state: %s", exc)
 
     def _remove(self, engine: DockerEngine, replicas: list[Replica], desired: _Desired) -> None:
         grace = desired.config.stop_duration
@@ -288,7 +334,7 @@ class ServiceAgent:
             "url": f"http://127.0.0.1:{replica.host_port}" if replica.host_port else None,
         }
         if replica.status == "running":
-            row.update(status="running", message=None, ready=True)
+            row.update(status="running", message=None)
         elif replica.status in ("created", "restarting"):
             row.update(status="provisioning", message=f"container {replica.status}")
         else:
@@ -305,6 +351,16 @@ class ServiceAgent:
             )
         return row
 
+    def _with_probes(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A replica's row with its probes; `ready` means in the endpoint's rotation now."""
+        snapshot = None
+        if self.runner is not None and row["status"] == "running" and row.get("container_id"):
+            snapshot = self.runner.snapshot(row["container_id"])
+        if snapshot is None:
+            return {**row, "ready": False, "probes": []}
+        in_rotation, probes = snapshot
+        return {**row, "ready": in_rotation, "probes": probes}
+
     def _publish(self, rows: list[dict[str, Any]], force: bool) -> None:
         with self._publish_lock:
             self._replica_rows = rows
@@ -313,7 +369,7 @@ class ServiceAgent:
                 "run_id": self._run_id,
                 "status": _run_status(rows),
                 "engine_problem": self._engine_problem,
-                "replicas": rows,
+                "replicas": [self._with_probes(row) for row in rows],
             }
             now = time.monotonic()
             if (

@@ -196,11 +196,32 @@ def _failure_message(name: str, failed: list[dict[str, Any]]) -> str:
     return f"{name}: " + "\n".join(parts)
 
 
+def describe_probes(replica: dict[str, Any]) -> str:
+    """`/health 1/2 ok` or `/health 0/2 (HTTP 503)` for each probe, comma-separated."""
+    parts = []
+    for probe in replica.get("probes") or []:
+        text = f"{probe['url']} {probe['success_streak']}/{probe['ready_after']}"
+        if probe.get("last_error"):
+            text += f" ({probe['last_error']})"
+        elif probe.get("last_checked_at"):
+            text += " ok"
+        else:
+            text += " (not probed yet)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
+def describe_replica(replica: dict[str, Any]) -> str:
+    text = f"replica={replica['replica_num']} {replica['status']}"
+    if replica.get("message"):
+        return f"{text}: {replica['message']}"
+    probes = describe_probes(replica) if replica["status"] == "running" else ""
+    return f"{text}: {probes}" if probes else text
+
+
 def _timeout_message(name: str, current: RunView, timeout: float) -> str:
     waiting = [
-        f"replica={r['replica_num']} {r['status']}" + (f" ({r['message']})" if r.get("message") else "")
-        for r in current.replicas
-        if not (r["status"] == "running" and r.get("ready"))
+        describe_replica(r) for r in current.replicas if not (r["status"] == "running" and r.get("ready"))
     ] or ["no replica reported yet"]
     return (
         f"{name} was not ready within {timeout:g}s: {', '.join(waiting)}; it keeps running "

@@ -22,6 +22,15 @@ def _probe_symbols(replica: dict[str, Any]) -> str:
     return "".join(p.get("symbol", "") for p in replica.get("probes") or [])
 
 
+def _probe_error(replica: dict[str, Any]) -> str | None:
+    if replica.get("status") != "running":
+        return None
+    for probe in replica.get("probes") or []:
+        if probe.get("last_error"):
+            return f"probe {probe['url']}: {probe['last_error']}"
+    return None
+
+
 def _replica_status(replica: dict[str, Any]) -> str:
     status = str(replica["status"])
     if status == "failed" and replica.get("exit_code") is not None:
@@ -72,7 +81,7 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
                 _probe_symbols(replica),
                 ago(replica.get("submitted_at") or run.submitted_at),
                 replica.get("url") or "",
-                _clip(replica.get("message"), wide),
+                _clip(replica.get("message") or _probe_error(replica), wide),
             ]
             if wide:
                 line.append((replica.get("container_id") or "")[:12])

@@ -123,20 +123,19 @@ class _Progress:
     """Prints a line whenever a replica's status or message changes (to stderr)."""
 
     def __init__(self) -> None:
-        self._last: dict[int, tuple[Any, ...]] = {}
+        self._last: dict[int, str] = {}
 
     def show(self, view: RunView) -> None:
+        from dstackctl.services import describe_replica
+
         for replica in view.replicas:
-            key = (replica["status"], replica.get("message"), replica.get("url"))
+            text = describe_replica(replica)
+            if replica.get("ready"):
+                text = f"replica={replica['replica_num']} ready on {replica.get('url')}"
             num = replica["replica_num"]
-            if self._last.get(num) == key:
+            if self._last.get(num) == text:
                 continue
-            self._last[num] = key
-            text = f"replica={num} {replica['status']}"
-            if replica.get("message"):
-                text += f": {replica['message']}"
-            elif replica["status"] == "running" and replica.get("url"):
-                text += f" on {replica['url']}"
+            self._last[num] = text
             typer.echo(text, err=True)
 
 

@@ -1,0 +1,282 @@
+"""HTTP probes: one request per check, and a scheduler with a bounded pool of workers.
+
+Semantics (dstack's, see the design notes): a 2xx response is a success and adds one to the
+probe's streak; anything else (other status, redirect, refused, timeout) resets it to 0. A
+probe is ready when streak >= ready_after; a replica when all its probes are. Each probe runs
+`interval` after the previous one *ended*. Where we differ from dstack: once a replica is
+ready it leaves rotation only after FAILURES_TO_LEAVE consecutive failures of one probe, and
+comes back when every probe is ready again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import http.client
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from dstackctl import __version__
+from dstackctl.config.interpolation import interpolate
+from dstackctl.config.models import PROBE_NAMESPACES, ProbeConfig, ServiceConfiguration
+from dstackctl.timeutil import utc_now
+
+USER_AGENT = f"dstackctl/{__version__}"
+BODY_CAP_BYTES = 64 * 1024
+FAILURES_TO_LEAVE = 3
+DEFAULT_WORKERS = 32
+
+
+def resolve_probes(config: ServiceConfiguration, env: dict[str, str]) -> list[ProbeConfig]:
+    """The effective probes with `${{ env.X }}` replaced by the service's env values."""
+    values = {"env": env}
+
+    def expand(text: str) -> str:
+        return interpolate(text, values, PROBE_NAMESPACES)
+
+    return [
+        probe.model_copy(
+            update={
+                "url": expand(probe.url),
+                "headers": [h.model_copy(update={"value": expand(h.value)}) for h in probe.headers],
+                "body": None if probe.body is None else expand(probe.body),
+            }
+        )
+        for probe in config.effective_probes()
+    ]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    ok: bool
+    status: int | None
+    error: str | None
+
+
+def execute_probe(host: str, port: int, probe: ProbeConfig) -> ProbeResult:
+    """Send one probe request; never raises, never follows redirects."""
+    connection = http.client.HTTPConnection(host, port, timeout=probe.timeout)
+    headers = {"User-Agent": USER_AGENT, "Connection": "close"}
+    headers.update({h.name: h.value for h in probe.headers})
+    body = probe.body.encode() if probe.body is not None else None
+    try:
+        connection.request(probe.method.upper(), probe.url, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read(BODY_CAP_BYTES)
+        status = response.status
+    except ConnectionRefusedError:
+        return ProbeResult(False, None, "connection refused")
+    except TimeoutError:
+        return ProbeResult(False, None, f"timed out after {probe.timeout}s")
+    except ConnectionResetError:
+        return ProbeResult(False, None, "connection reset")
+    except http.client.RemoteDisconnected:
+        return ProbeResult(False, None, "closed the connection without a response")
+    except (OSError, http.client.HTTPException) as exc:
+        return ProbeResult(False, None, f"{type(exc).__name__}: {exc}"[:200])
+    finally:
+        connection.close()
+    if 200 <= status < 300:
+        return ProbeResult(True, status, None)
+    return ProbeResult(False, status, f"HTTP {status}")
+
+
+@dataclass
+class ProbeStatus:
+    """What `ps` shows about one probe of one replica."""
+
+    url: str
+    ready_after: int
+    until_ready: bool
+    success_streak: int = 0
+    failure_streak: int = 0
+    last_checked_at: str | None = None
+    last_error: str | None = None
+    last_status: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.success_streak >= self.ready_after
+
+    @property
+    def symbol(self) -> str:
+        if self.ready:
+            return "✓"
+        return "~" if self.success_streak > 0 else "×"
+
+    def record(self, result: ProbeResult) -> None:
+        self.last_checked_at = utc_now()
+        self.last_status = result.status
+        if result.ok:
+            self.success_streak += 1
+            self.failure_streak = 0
+            self.last_error = None
+        else:
+            self.success_streak = 0
+            self.failure_streak += 1
+            self.last_error = result.error
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "success_streak": self.success_streak,
+            "ready_after": self.ready_after,
+            "symbol": self.symbol,
+            "last_checked_at": self.last_checked_at,
+            "last_error": self.last_error,
+            "last_status": self.last_status,
+        }
+
+
+@dataclass
+class _Target:
+    key: str
+    host: str
+    port: int
+    probes: list[ProbeConfig]
+    statuses: list[ProbeStatus]
+    in_rotation: bool = False
+    generation: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def update_rotation(self) -> bool:
+        """Recompute readiness; returns True when it changed."""
+        before = self.in_rotation
+        if all(s.ready for s in self.statuses):
+            self.in_rotation = True
+        elif self.in_rotation and any(s.failure_streak >= FAILURES_TO_LEAVE for s in self.statuses):
+            self.in_rotation = False
+        return before != self.in_rotation
+
+
+@dataclass(frozen=True)
+class ProbeSample:
+    """One executed probe, for measuring the scheduler: when it was due and when it began."""
+
+    key: str
+    index: int
+    due: float
+    started: float
+
+
+class ProbeRunner:
+    """Runs every probe of every registered replica on a shared scheduler and worker pool."""
+
+    def __init__(
+        self,
+        workers: int = DEFAULT_WORKERS,
+        on_change: Callable[[str], None] = lambda _key: None,
+        execute: Callable[[str, int, ProbeConfig], ProbeResult] = execute_probe,
+        on_sample: Callable[[ProbeSample], None] | None = None,
+    ) -> None:
+        self._execute = execute
+        self._on_change = on_change
+        self._on_sample = on_sample
+        self._targets: dict[str, _Target] = {}
+        self._heap: list[tuple[float, int, str, int, int]] = []
+        self._sequence = itertools.count()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probe")
+        self._scheduler = threading.Thread(target=self._schedule, name="probe-scheduler", daemon=True)
+        self._scheduler.start()
+
+    # --- registration -------------------------------------------------------------------
+
+    def watch(self, key: str, host: str, port: int, probes: list[ProbeConfig]) -> None:
+        """Start probing a replica now (no initial delay). Re-watching with the same port is a no-op."""
+        with self._lock:
+            current = self._targets.get(key)
+            if current is not None and current.port == port:
+                return
+            generation = (current.generation + 1) if current else 0
+            target = _Target(
+                key=key,
+                host=host,
+                port=port,
+                probes=probes,
+                statuses=[ProbeStatus(p.url, p.ready_after, p.until_ready) for p in probes],
+                generation=generation,
+            )
+            target.update_rotation()  # no probes: in rotation at once
+            self._targets[key] = target
+            now = time.monotonic()
+            for index in range(len(probes)):
+                heapq.heappush(self._heap, (now, next(self._sequence), key, index, generation))
+            self._wakeup.notify()
+        self._on_change(key)
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._targets.pop(key, None)
+
+    def watched(self) -> list[str]:
+        with self._lock:
+            return list(self._targets)
+
+    def snapshot(self, key: str) -> tuple[bool, list[dict[str, Any]]] | None:
+        with self._lock:
+            target = self._targets.get(key)
+        if target is None:
+            return None
+        with target.lock:
+            return target.in_rotation, [s.to_json() for s in target.statuses]
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop scheduling; running probes are abandoned (their threads end with their timeout)."""
+        self._stop.set()
+        with self._lock:
+            self._wakeup.notify_all()
+        self._scheduler.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- scheduling ---------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if not self._heap:
+                    self._wakeup.wait(0.5)
+                    continue
+                due, _, key, index, generation = self._heap[0]
+                delay = due - time.monotonic()
+                if delay > 0:
+                    self._wakeup.wait(min(delay, 0.5))
+                    continue
+                heapq.heappop(self._heap)
+                target = self._targets.get(key)
+                if target is None or target.generation != generation:
+                    continue
+            self._pool.submit(self._probe, target, index, due)
+
+    def _probe(self, target: _Target, index: int, due: float) -> None:
+        if self._stop.is_set():
+            return
+        started = time.monotonic()
+        if self._on_sample is not None:
+            self._on_sample(ProbeSample(target.key, index, due, started))
+        probe = target.probes[index]
+        result = self._execute(target.host, target.port, probe)
+        with target.lock:
+            status = target.statuses[index]
+            before = (status.symbol, status.last_error, target.in_rotation)
+            status.record(result)
+            target.update_rotation()
+            changed = before != (status.symbol, status.last_error, target.in_rotation)
+            stop_probing = probe.until_ready and status.ready
+        if changed:
+            self._on_change(target.key)
+        if stop_probing:
+            return
+        with self._lock:
+            if self._targets.get(target.key) is target:
+                next_due = time.monotonic() + probe.interval
+                heapq.heappush(
+                    self._heap, (next_due, next(self._sequence), target.key, index, target.generation)
+                )
+                self._wakeup.notify()
