@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from helpers import wait_until
@@ -25,7 +26,7 @@ from dstackctl.probes import (
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    seen: list[dict[str, Any]] = []
+    seen: ClassVar[list[dict[str, Any]]] = []
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -51,10 +52,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Length", str(10 * 1024 * 1024))
             self.end_headers()
-            try:
+            with contextlib.suppress(OSError):
                 self.wfile.write(b"x" * (10 * 1024 * 1024))
-            except OSError:
-                pass
         else:
             self.send_response(200)
             self.send_header("Content-Length", "2")
@@ -209,7 +208,7 @@ def test_interval_counts_from_the_end_of_the_previous_probe() -> None:
         wait_until(lambda: len(script.calls[1]) >= 3, 10, "three probes")
     finally:
         runner.close()
-    gaps = [b - a for a, b in zip(script.calls[1], script.calls[1][1:])]
+    gaps = [b - a for a, b in zip(script.calls[1], script.calls[1][1:], strict=False)]
     assert all(1.45 <= gap < 1.9 for gap in gaps[:2]), gaps
 
 
