@@ -100,7 +100,7 @@ def _classify(token: str, text: str) -> tuple[str, Any]:
             return "memory", parse_memory_range(token)
         return "count", parse_count_range(token, "a GPU count")
     names = tuple(name for name in token.split(","))
-    if any(not name or not name.replace("-", "").replace("_", "").isalnum() for name in names):
+    if any(not name[:1].isalpha() or not name.replace("-", "").replace("_", "").isalnum() for name in names):
         raise ValueError(f"the GPU spec {text!r} has an invalid GPU name list {token!r}")
     return "name", names
 

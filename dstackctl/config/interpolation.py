@@ -19,7 +19,10 @@ class Reference:
 
 
 def _scan(text: str, namespaces: tuple[str, ...]) -> list[str | Reference]:
-    """Split `text` into literal pieces and references, raising ValueError on a bad expression."""
+    """Split `text` into literal pieces and references, raising ValueError on a bad expression.
+
+    The messages never quote `text` itself: it may be a secret (an env value, a header value).
+    """
     pieces: list[str | Reference] = []
     literal: list[str] = []
     i = 0
@@ -30,7 +33,7 @@ def _scan(text: str, namespaces: tuple[str, ...]) -> list[str | Reference]:
         elif text.startswith("${{", i):
             end = text.find("}}", i + 3)
             if end < 0:
-                raise ValueError(f"unterminated '${{{{' in {text!r}; close it with '}}}}'")
+                raise ValueError("has an unterminated '${{'; close it with '}}'")
             expression = text[i + 3 : end]
             match = _EXPRESSION.match(expression)
             if not match:
@@ -41,7 +44,9 @@ def _scan(text: str, namespaces: tuple[str, ...]) -> list[str | Reference]:
             namespace, name = match.groups()
             if namespace not in namespaces:
                 allowed = " or ".join(f"${{{{ {ns}.NAME }}}}" for ns in namespaces)
-                raise ValueError(f"unknown namespace {namespace!r} in {text!r}; use {allowed}")
+                raise ValueError(
+                    f"unknown namespace {namespace!r} in ${{{{ {namespace}.{name} }}}}; use {allowed}"
+                )
             if literal:
                 pieces.append("".join(literal))
                 literal = []

@@ -20,6 +20,7 @@ from dstackctl.config.models import (
     SECRET_NAMESPACES,
     ProbeConfig,
     ServiceConfiguration,
+    cross_field_problems,
 )
 from dstackctl.config.yaml_source import SourceError, YamlSource, read_yaml
 
@@ -76,24 +77,37 @@ class LoadedConfig:
         return resolved
 
     def resolve_probes(self, env: Mapping[str, str]) -> list[ProbeConfig]:
-        """The effective probes with `${{ env.X }}` replaced by the service's env values."""
+        """The effective probes with `${{ env.X }}` replaced by the service's env values.
+
+        Raises ConfigError naming every variable that `env` lacks.
+        """
         values = {"env": env}
+        problems: list[Issue] = []
+
+        def expand(loc: Loc, text: str) -> str:
+            try:
+                return interpolate(text, values, PROBE_NAMESPACES)
+            except KeyError as exc:
+                problems.append(self.issue(loc, f"{exc.args[0]} has no value: {exc.args[0].name} is not set"))
+                return text
+
         result = []
-        for probe in self.config.effective_probes():
+        for index, probe in enumerate(self.config.effective_probes()):
+            where: Loc = ("probes", index)
             result.append(
                 probe.model_copy(
                     update={
-                        "url": interpolate(probe.url, values, PROBE_NAMESPACES),
+                        "url": expand((*where, "url"), probe.url),
                         "headers": [
-                            h.model_copy(update={"value": interpolate(h.value, values, PROBE_NAMESPACES)})
-                            for h in probe.headers
+                            h.model_copy(update={"value": expand((*where, "headers", i, "value"), h.value)})
+                            for i, h in enumerate(probe.headers)
                         ],
-                        "body": None
-                        if probe.body is None
-                        else interpolate(probe.body, values, PROBE_NAMESPACES),
+                        "body": None if probe.body is None else expand((*where, "body"), probe.body),
                     }
                 )
             )
+        if problems:
+            raise ConfigError(problems)
         return result
 
 
@@ -129,13 +143,38 @@ def parse_service(raw: bytes | str, file: str = "<config>") -> LoadedConfig:
         config = ServiceConfiguration.model_validate(data)
     except ValidationError as exc:
         problems += _translate(exc, file, source)
+        problems += [
+            Issue(file, source.line_of(loc), dotted(loc), message)
+            for loc, message in _raw_cross_field_problems(data)
+        ]
         raise ConfigError(_sorted(problems)) from None
     problems += [Issue(file, source.line_of(loc), dotted(loc), message) for loc, message in config.problems()]
     if problems:
         raise ConfigError(_sorted(problems))
     loaded = LoadedConfig(file=file, config=config, data=data, source=source)
-    loaded.warnings = _warnings(loaded)
+    loaded.warnings = _sorted(_warnings(loaded))
     return loaded
+
+
+def _raw_cross_field_problems(data: dict[str, Any]) -> list[tuple[Loc, str]]:
+    """The cross-field rules applied to the parts of an invalid file that are valid by themselves,
+    so that one run reports every problem."""
+    env = data.get("env")
+    env_names: set[str] | None = None
+    if env is None:
+        env_names = set()
+    elif isinstance(env, list):
+        env_names = {entry.partition("=")[0] for entry in env if isinstance(entry, str)}
+    elif isinstance(env, dict):
+        env_names = {str(name) for name in env}
+    probes: list[tuple[int, ProbeConfig]] = []
+    raw_probes = data.get("probes")
+    for index, item in enumerate(raw_probes if isinstance(raw_probes, list) else []):
+        try:
+            probes.append((index, ProbeConfig.model_validate(item)))
+        except ValidationError:
+            continue
+    return cross_field_problems(data.get("image"), data.get("python"), env_names, probes)
 
 
 def _sorted(problems: list[Issue]) -> list[Issue]:
@@ -195,17 +234,22 @@ _EXPECTED = {
 
 def _translate(exc: ValidationError, file: str, source: YamlSource) -> list[Issue]:
     by_place: dict[Loc, list[str]] = {}
-    union_branches: dict[Loc, list[str]] = {}
+    union_branches: dict[Loc, list[Any]] = {}
     for error in exc.errors(include_url=False):
         loc = tuple(error["loc"])
         place, is_branch = _place(loc, source)
         if is_branch:
-            union_branches.setdefault(place, []).append(_expected_phrase(error))
+            union_branches.setdefault(place, []).append(error)
             continue
         by_place.setdefault(place, []).append(_message(error, place, source))
-    for place, phrases in union_branches.items():
+    for place, errors in union_branches.items():
         if place in by_place:
             continue
+        if len(errors) == 1:
+            # Not a union: one error below a value written as a scalar (`port: 70000`).
+            by_place[place] = [_message(errors[0], place, source)]
+            continue
+        phrases = [_expected_phrase(error) for error in errors]
         unique = [p for i, p in enumerate(phrases) if p and p not in phrases[:i]]
         message = "expected " + " or ".join(unique) if unique else "has an invalid value"
         by_place[place] = [message + _got(place, source)]

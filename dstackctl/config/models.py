@@ -25,6 +25,7 @@ from pydantic import (
 
 from dstackctl.config.gpu import GpuSpec, parse_gpu_spec
 from dstackctl.config.interpolation import references
+from dstackctl.config.issues import Loc
 from dstackctl.config.units import (
     Range,
     format_duration,
@@ -41,7 +42,8 @@ SECRET_NAMESPACES = ("secrets", "env")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RUN_NAME = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
 HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-PYTHON_VERSIONS = ("3.9", "3.10", "3.11", "3.12", "3.13", "3.14")
+PythonVersion = Literal["3.9", "3.10", "3.11", "3.12", "3.13", "3.14"]
+PYTHON_VERSIONS: tuple[str, ...] = typing.get_args(PythonVersion)
 
 
 class Strict(BaseModel):
@@ -55,12 +57,12 @@ Duration = Annotated[
 ]
 CountRange = Annotated[
     Range[int],
-    PlainValidator(lambda v: parse_count_range(v), json_schema_input_type=int | str),
+    PlainValidator(lambda v: parse_count_range(v), json_schema_input_type=int | str | dict[str, Any]),
     PlainSerializer(str, return_type=str),
 ]
 MemoryRange = Annotated[
     Range[float],
-    PlainValidator(parse_memory_range, json_schema_input_type=int | float | str),
+    PlainValidator(parse_memory_range, json_schema_input_type=int | float | str | dict[str, Any]),
     PlainSerializer(lambda r: r.render(format_memory_gb), return_type=str),
 ]
 MemorySize = Annotated[
@@ -156,9 +158,9 @@ class ProbeConfig(Strict):
 
 
 def _port_from_scalar(value: object) -> object:
-    if isinstance(value, bool):
+    if isinstance(value, dict):
         return value
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return {"container_port": value}
     if isinstance(value, str):
         text = value.strip()
@@ -171,8 +173,13 @@ def _port_from_scalar(value: object) -> object:
                 return {"container_port": int(container)}
             if local.isdigit():
                 return {"local_port": int(local), "container_port": int(container)}
-        raise ValueError(f'expected a port such as 8000 or "8080:8000" (LOCAL:CONTAINER), got {value!r}')
-    return value
+    if isinstance(value, bool):
+        shown = str(value).lower()
+    elif isinstance(value, (int, float, str)):
+        shown = repr(value[:60] if isinstance(value, str) else value)
+    else:
+        shown = "a list" if isinstance(value, list) else type(value).__name__
+    raise ValueError(f'expected a port such as 8000 or "8080:8000" (LOCAL:CONTAINER), got {shown}')
 
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -322,8 +329,13 @@ def _env_to_list(value: object) -> object:
 def _check_env_entry(entry: str) -> str:
     name, sep, value = entry.partition("=")
     if not ENV_NAME.match(name):
+        # `TOKEN:abc` or `TOKEN abc` may carry a secret: quote only a plain word.
+        if re.fullmatch(r"\w{1,64}", name):
+            shown = f"{name!r} is not a valid variable name"
+        else:
+            shown = "not a valid variable name (not repeated here, as it may hold a value)"
         raise ValueError(
-            f"{name!r} is not a valid variable name (letters, digits and _, not starting with a digit)"
+            f"{shown}: use letters, digits and _, not starting with a digit; write NAME=value or a bare NAME"
         )
     if sep:
         references(value, SECRET_NAMESPACES)
@@ -375,7 +387,7 @@ def _replicas(value: object) -> int:
     count = parse_count_range(value, "a replica count")
     if count.min is None or count.min != count.max:
         raise ValueError(
-            f"a replica range ({value}) needs autoscaling, which dstackctl does not have yet; "
+            f"a replica range ({count}) needs autoscaling, which dstackctl does not have yet; "
             f"set a fixed number such as `replicas: 2`"
         )
     return count.min
@@ -385,7 +397,28 @@ def _ignored(description: str) -> Any:
     return Field(None, description=f"{description} Accepted for dstack compatibility; ignored here.")
 
 
-Replicas = Annotated[int, PlainValidator(_replicas, json_schema_input_type=int | str), PlainSerializer(int)]
+Replicas = Annotated[
+    int, PlainValidator(_replicas, json_schema_input_type=int | str | dict[str, Any]), PlainSerializer(int)
+]
+
+
+def _off_duration(value: object) -> int | str | None:
+    """dstack's `off` duration: `off` (which YAML reads as false) turns it off, `true` is the default."""
+    if value == "off" or value is False:
+        return "off"
+    if value is True:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise ValueError(f"expected a duration such as 30s or 5m, or off, got {value!r}") from None
+
+
+OffDuration = Annotated[
+    int | Literal["off"],
+    PlainValidator(_off_duration, json_schema_input_type=int | str | bool),
+    PlainSerializer(lambda v: v if v == "off" else format_duration(v), return_type=str),
+]
 
 
 class ServiceConfiguration(Strict):
@@ -396,7 +429,12 @@ class ServiceConfiguration(Strict):
         None, description="The run name (default: the file name or `-n`)."
     )
     image: str | None = Field(None, min_length=1, description="Docker image of the replicas.")
-    python: Annotated[Literal[PYTHON_VERSIONS], BeforeValidator(_python_version)] | None = Field(  # type: ignore[valid-type]
+    python: (
+        Annotated[
+            PythonVersion, BeforeValidator(_python_version, json_schema_input_type=PythonVersion | float)
+        ]
+        | None
+    ) = Field(
         None,
         description="Use dstack's base image with a venv of this Python version (excludes `image`).",
     )
@@ -438,7 +476,7 @@ class ServiceConfiguration(Strict):
     volumes: list[
         Annotated[
             VolumeMount,
-            BeforeValidator(_volume_from_scalar, json_schema_input_type=str | VolumeMount),
+            BeforeValidator(_volume_from_scalar, json_schema_input_type=str | VolumeMount | dict[str, Any]),
         ]
     ] = Field(default_factory=list, description="Mounts: `/host/path:/container/path[:ro]` or a mapping.")
     model: (
@@ -453,46 +491,18 @@ class ServiceConfiguration(Strict):
         RetryPolicy | None,
         BeforeValidator(_retry_from_scalar, json_schema_input_type=bool | RetryPolicy),
     ] = Field(None, description="Restart replicas that exit: `true` or `{on_events, duration}`.")
-    stop_duration: Duration | Literal["off"] | None = Field(
+    stop_duration: OffDuration | None = Field(
         None, description="Grace period between SIGTERM and SIGKILL when stopping a replica."
     )
     groups: Annotated[Any, AfterValidator(_refuse_groups)] = Field(
         None, description="dstack replica groups; not supported here."
     )
 
-    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+    def problems(self) -> list[tuple[Loc, str]]:
         """Rules that span fields, each with the path it is about."""
-        found: list[tuple[tuple[str | int, ...], str]] = []
-        if self.image and self.python:
-            found.append((("python",), "`image` and `python` exclude each other; keep one of them"))
-        declared = set(self.environment)
-        seen: dict[tuple[Any, ...], int] = {}
-        for index, probe in enumerate(self.probes or []):
-            where: tuple[str | int, ...] = ("probes", index)
-            if probe.body is not None and probe.method in ("get", "head"):
-                if "method" in probe.model_fields_set:
-                    message = f"a request body is not allowed with method {probe.method}"
-                else:
-                    message = "a request body needs a method such as `method: post` (the default is get)"
-                found.append(((*where, "body"), message))
-            if probe.identity() in seen:
-                found.append((where, f"duplicates probes[{seen[probe.identity()]}]"))
-            seen.setdefault(probe.identity(), index)
-            texts: list[tuple[tuple[str | int, ...], str]] = [((*where, "url"), probe.url)]
-            texts += [((*where, "headers", i, "value"), h.value) for i, h in enumerate(probe.headers)]
-            if probe.body is not None:
-                texts.append(((*where, "body"), probe.body))
-            for path, text in texts:
-                for ref in references(text, PROBE_NAMESPACES):
-                    if ref.name not in declared:
-                        found.append(
-                            (
-                                path,
-                                f"{ref} refers to {ref.name!r}, which `env` does not define; "
-                                f"add `- {ref.name}` to env",
-                            )
-                        )
-        return found
+        return cross_field_problems(
+            self.image, self.python, set(self.environment), list(enumerate(self.probes or []))
+        )
 
     @property
     def environment(self) -> dict[str, str | None]:
@@ -558,6 +568,48 @@ class ServiceConfiguration(Strict):
     instances: list[Any] | None = _ignored("Instances to run on.")
     tags: dict[str, str] | None = _ignored("Cloud resource tags.")
     backend_options: dict[str, Any] | None = _ignored("Backend options.")
+
+
+def cross_field_problems(
+    image: object, python: object, env_names: set[str] | None, probes: list[tuple[int, ProbeConfig]]
+) -> list[tuple[Loc, str]]:
+    """Rules that span fields, each with the path it is about.
+
+    Takes parts rather than a whole model so that the loader can also apply them to a file
+    that has other errors (`env_names` None: `env` is unreadable, skip the reference check).
+    """
+    found: list[tuple[Loc, str]] = []
+    if image and python:
+        found.append((("python",), "`image` and `python` exclude each other; keep one of them"))
+    seen: dict[tuple[Any, ...], int] = {}
+    for index, probe in probes:
+        where: Loc = ("probes", index)
+        if probe.body is not None and probe.method in ("get", "head"):
+            if "method" in probe.model_fields_set:
+                message = f"a request body is not allowed with method {probe.method}"
+            else:
+                message = "a request body needs a method such as `method: post` (the default is get)"
+            found.append(((*where, "body"), message))
+        if probe.identity() in seen:
+            found.append((where, f"duplicates probes[{seen[probe.identity()]}]"))
+        seen.setdefault(probe.identity(), index)
+        if env_names is None:
+            continue
+        texts: list[tuple[Loc, str]] = [((*where, "url"), probe.url)]
+        texts += [((*where, "headers", i, "value"), h.value) for i, h in enumerate(probe.headers)]
+        if probe.body is not None:
+            texts.append(((*where, "body"), probe.body))
+        for path, text in texts:
+            for ref in references(text, PROBE_NAMESPACES):
+                if ref.name not in env_names:
+                    found.append(
+                        (
+                            path,
+                            f"{ref} refers to {ref.name!r}, which `env` does not define; "
+                            f"add `- {ref.name}` to env",
+                        )
+                    )
+    return found
 
 
 IGNORED_FIELDS = frozenset(

@@ -52,19 +52,35 @@ def read_yaml(raw: bytes) -> YamlSource:
         raise SourceError(
             f"the file is {len(raw) / 1024 / 1024:.1f} MiB; a service file may be at most 1 MiB"
         )
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
+        raise SourceError("the file is UTF-16 or UTF-32 text; save it as UTF-8")
     if b"\x00" in raw:
         raise SourceError("the file is binary, not YAML text")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise SourceError(f"the file is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
-    loader = yaml.SafeLoader(text)
+        raise SourceError(
+            f"the file is not UTF-8 text (byte {exc.start} cannot be decoded)",
+            raw.count(b"\n", 0, exc.start) + 1,
+        ) from None
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise SourceError(
+            f"the file contains a character that YAML does not allow (U+{exc.character:04X})", line
+        ) from None
     try:
         node = loader.get_single_node()
         if node is None:
             raise SourceError("the file is empty; a service needs at least `type: service` and `port`")
         source = YamlSource(data=None)
         _index(loader, node, (), source, set())
+        if _expanded_size(node, {}) > MAX_NODES:
+            raise SourceError(
+                f"the file expands to more than {MAX_NODES} values through aliases (*name); "
+                f"it is not a service file"
+            )
         source.data = loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -108,3 +124,22 @@ def _index(loader: yaml.SafeLoader, node: yaml.Node, loc: Loc, source: YamlSourc
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             _index(loader, item, (*loc, index), source, seen)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values `node` becomes once every alias is copied out (stops counting past the limit)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            size += _expanded_size(key_node, memo) + _expanded_size(value_node, memo)
+            if size > MAX_NODES:
+                break
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            size += _expanded_size(item, memo)
+            if size > MAX_NODES:
+                break
+    memo[id(node)] = size
+    return size
