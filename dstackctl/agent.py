@@ -1,9 +1,11 @@
 """The per-service agent: a detached process that makes Docker match the desired spec.
 
-It reads `spec.json` (and `secrets.json`), compares the desired replicas with the containers
-it finds by label, creates or removes containers, and writes what it sees to `state.json`.
-Docker is the truth for what exists: a restarted agent adopts the containers it finds.
-It never prints; it logs to `agent.log` in the service folder (names, never env values).
+It reads `spec.json` (and `secrets.json`), finds the service's containers by label, asks the
+rollout planner what to do, does it (create, drain then stop, remove), probes running
+replicas, routes the endpoint to ready ones, and writes what it sees to `state.json`.
+Docker is the truth for what exists: a restarted agent adopts the containers it finds and
+carries on with an unfinished rollout. It never prints; it logs to `agent.log` in the service
+folder (names, never env values).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from typing import Any
 from dstackctl.config.models import ProbeConfig, ServiceConfiguration
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine, DockerError, Replica
 from dstackctl.probes import ProbeRunner, resolve_probes
-from dstackctl.replica_spec import build_replica_spec, home_label
+from dstackctl.proxy import Endpoint, EndpointError
+from dstackctl.replica_spec import build_replica_spec, home_label, image_of
+from dstackctl.rollout import Observed, Plan, Target, plan
 from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
 from dstackctl.timeutil import utc_now
 
@@ -33,44 +37,61 @@ HEARTBEAT_SECONDS = 2.0
 # Probe results reach the store at most this often, but a change after a quiet spell at once.
 MIN_PUBLISH_GAP_SECONDS = 0.1
 LOG_TAIL_LINES = 5
+DRAIN_SECONDS = 30.0
+DEFAULT_ROLLOUT_TIMEOUT = 600
 AGENT_MODULE = "dstackctl.agent"
+ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
 
 log = logging.getLogger("dstackctl.agent")
+
+
+@dataclass
+class _Deployment:
+    """One configuration the service runs (the target, or the one a rollout replaces)."""
+
+    number: int
+    config_hash: str
+    replicas: int
+    config: ServiceConfiguration
+    env: dict[str, str]
+    probes: list[ProbeConfig]
+    probe_urls: list[str]  # as written, `${{ env.X }}` unexpanded: what `ps` may show
+
+    @classmethod
+    def load(cls, document: dict[str, Any], env: dict[str, str]) -> _Deployment:
+        config = ServiceConfiguration.model_validate(document["config"])
+        return cls(
+            number=int(document["deployment_num"]),
+            config_hash=document["config_hash"],
+            replicas=int(document["replicas"]),
+            config=config,
+            env=env,
+            probes=resolve_probes(config, env),
+            probe_urls=[probe.url for probe in config.effective_probes()],
+        )
 
 
 @dataclass
 class _Desired:
     name: str
     run_id: str
-    deployment_num: int
-    replicas: int
-    config_hash: str
-    config: ServiceConfiguration
+    target: _Deployment
+    previous: _Deployment | None
     config_dir: Path
-    env: dict[str, str]
     registry_auth: dict[str, str] | None
-
-    @classmethod
-    def from_documents(cls, spec: dict[str, Any], secrets: dict[str, Any]) -> _Desired:
-        return cls(
-            name=spec["name"],
-            run_id=spec["run_id"],
-            deployment_num=int(spec["deployment_num"]),
-            replicas=int(spec["replicas"]),
-            config_hash=spec["config_hash"],
-            config=ServiceConfiguration.model_validate(spec["config"]),
-            config_dir=Path(spec["config_dir"]),
-            env=dict(secrets.get("env") or {}),
-            registry_auth=secrets.get("registry_auth"),
-        )
+    endpoint_port: int | None
+    rollout: dict[str, Any] | None
 
 
 @dataclass
-class _Observed:
-    """What the agent knows beyond Docker: create failures and pull progress."""
+class _Memory:
+    """What the agent knows beyond Docker."""
 
-    create_failures: dict[tuple[int, str], str] = field(default_factory=dict)
+    create_failures: dict[tuple[int, int, str], str] = field(default_factory=dict)
     progress: dict[int, str] = field(default_factory=dict)
+    draining: set[str] = field(default_factory=set)
+    waiting_since: dict[str, float] = field(default_factory=dict)
+    log_tails: dict[str, list[str]] = field(default_factory=dict)
 
 
 class ServiceAgent:
@@ -79,18 +100,20 @@ class ServiceAgent:
         self.name = name
         self.stop = stop or threading.Event()
         self.engine: DockerEngine | None = None
-        self.observed = _Observed()
+        self.memory = _Memory()
+        self.runner: ProbeRunner | None = None
+        self.endpoint: Endpoint | None = None
         self._labels = {LABEL_RUN: name, LABEL_HOME: home_label(store.home)}
         self._started_at = utc_now()
+        self._deployments: dict[str, _Deployment] = {}
+        self._containers: list[Replica] = []
+        self._desired: _Desired | None = None
+        self._engine_problem: str | None = None
+        self._endpoint_error: str | None = None
+        self._publish_lock = threading.Lock()
         self._last_published: dict[str, Any] | None = None
         self._last_publish_time = 0.0
-        self._engine_problem: str | None = None
-        self._publish_lock = threading.Lock()
-        self._replica_rows: list[dict[str, Any]] = []
-        self._run_id: str | None = None
         self._dirty = threading.Event()
-        self._probes: tuple[str, list[ProbeConfig]] | None = None
-        self.runner: ProbeRunner | None = None
 
     # --- main loop ----------------------------------------------------------------------
 
@@ -111,16 +134,18 @@ class ServiceAgent:
         finally:
             self.stop.set()
             self.runner.close()
+            if self.endpoint is not None:
+                self.endpoint.close()
             publisher.join(1.0)
 
     def _reconcile_until_stopped(self) -> int:
         while not self.stop.is_set():
             try:
-                spec = self.store.read(self.name, SPEC)
-                if spec is None or spec.get("desired") == "stopped":
+                desired = self._read_desired()
+                if desired is None:
                     log.info("service %s is no longer wanted; agent exits", self.name)
                     break
-                desired = _Desired.from_documents(spec, self.store.read(self.name, SECRETS) or {})
+                self._desired = desired
                 self._reconcile(desired)
             except DockerError as exc:
                 self._lost_engine(exc.message)
@@ -130,6 +155,31 @@ class ServiceAgent:
             self.stop.wait(POLL_SECONDS)
         log.info("agent for %s stopped", self.name)
         return 0
+
+    def _read_desired(self) -> _Desired | None:
+        spec = self.store.read(self.name, SPEC)
+        if spec is None or spec.get("desired") == "stopped":
+            return None
+        secrets = self.store.read(self.name, SECRETS) or {}
+        previous = spec.get("previous")
+        return _Desired(
+            name=spec["name"],
+            run_id=spec["run_id"],
+            target=self._deployment(spec, dict(secrets.get("env") or {})),
+            previous=self._deployment(previous, dict(secrets.get("previous_env") or {}))
+            if previous
+            else None,
+            config_dir=Path(spec["config_dir"]),
+            registry_auth=secrets.get("registry_auth"),
+            endpoint_port=spec.get("endpoint_port"),
+            rollout=spec.get("rollout"),
+        )
+
+    def _deployment(self, document: dict[str, Any], env: dict[str, str]) -> _Deployment:
+        key = f"{document['deployment_num']}:{document['config_hash']}:{document['replicas']}"
+        if key not in self._deployments:
+            self._deployments[key] = _Deployment.load(document, env)
+        return self._deployments[key]
 
     def _connect(self) -> DockerEngine:
         if self.engine is None:
@@ -146,53 +196,257 @@ class ServiceAgent:
         if self.engine is not None:
             self.engine.close()
         self.engine = None
-        self._publish(self._replica_rows, force=False)
+        self._publish(force=False)
+
+    def _start_endpoint(self, desired: _Desired) -> None:
+        if self.endpoint is not None or self._endpoint_error or desired.endpoint_port is None:
+            return
+        endpoint = Endpoint(self.name, desired.endpoint_port)
+        try:
+            endpoint.start()
+        except EndpointError as exc:
+            self._endpoint_error = exc.message
+            log.error("%s", exc.message)
+            return
+        self.endpoint = endpoint
+        log.info("endpoint listening on %s", endpoint.url)
 
     # --- reconcile ----------------------------------------------------------------------
 
     def _reconcile(self, desired: _Desired) -> None:
-        self._run_id = desired.run_id
+        self._start_endpoint(desired)
         engine = self._connect()
-        containers = engine.list_replicas(self._labels)
-        keep: dict[int, Replica] = {}
-        remove: list[Replica] = []
-        for replica in sorted(containers, key=_preference):
-            wanted = (
-                replica.config_hash == desired.config_hash
-                and replica.deployment_num == desired.deployment_num
-                and 0 <= replica.replica_num < desired.replicas
-            )
-            if wanted and replica.replica_num not in keep:
-                keep[replica.replica_num] = replica
-            else:
-                remove.append(replica)
-        missing = [
-            num
-            for num in range(desired.replicas)
-            if num not in keep and (num, desired.config_hash) not in self.observed.create_failures
-        ]
-        self._publish(self._rows(desired, keep), force=False)
-        if remove:
-            self._remove(engine, remove, desired)
-        if missing:
-            created = self._create(engine, desired, missing)
-            keep.update(created)
-        self._watch_probes(desired, keep)
-        self._publish(self._rows(desired, keep), force=False)
+        self._containers = engine.list_replicas(self._labels)
+        self._watch_probes(desired)
+        target = desired.target
+        steps = plan(
+            Target(target.number, target.config_hash, target.replicas),
+            [self._observe(c) for c in self._containers],
+            {
+                num
+                for (num, number, config_hash) in self.memory.create_failures
+                if (number, config_hash) == (target.number, target.config_hash)
+            },
+        )
+        self._publish(force=False)
+        if steps.remove:
+            self._stop_containers(engine, steps.remove, drain=False)
+        if steps.drain:
+            self._stop_containers(engine, steps.drain, drain=True)
+        if steps.create:
+            self._create(engine, desired, steps.create)
+        self._follow_rollout(desired, steps)
+        self._publish(force=False)
 
-    def _watch_probes(self, desired: _Desired, keep: dict[int, Replica]) -> None:
-        """Probe running replicas from now on; stop probing the others."""
+    def _observe(self, replica: Replica) -> Observed:
+        ready = False
+        if replica.status == "running" and self.runner is not None:
+            snapshot = self.runner.snapshot(replica.id)
+            ready = bool(snapshot and snapshot[0])
+        return Observed(
+            key=replica.id,
+            replica_num=replica.replica_num,
+            deployment_num=replica.deployment_num,
+            config_hash=replica.config_hash,
+            running=replica.status == "running",
+            ready=ready and replica.id not in self.memory.draining,
+            failed=replica.status in ("exited", "dead"),
+        )
+
+    def _deployment_of(self, replica: Replica) -> _Deployment | None:
+        assert self._desired is not None
+        for deployment in (self._desired.target, self._desired.previous):
+            if deployment and (deployment.number, deployment.config_hash) == (
+                replica.deployment_num,
+                replica.config_hash,
+            ):
+                return deployment
+        return None
+
+    def _watch_probes(self, desired: _Desired) -> None:
+        """Probe running replicas (each with the probes of its own deployment); forget the rest."""
         assert self.runner is not None
-        if self._probes is None or self._probes[0] != desired.config_hash:
-            self._probes = (desired.config_hash, resolve_probes(desired.config, desired.env))
-        probes = self._probes[1]
-        running = {r.id: r for r in keep.values() if r.status == "running" and r.host_port}
+        running = {r.id: r for r in self._containers if r.status == "running" and r.host_port}
         for key in self.runner.watched():
             if key not in running:
                 self.runner.forget(key)
         for replica in running.values():
             assert replica.host_port is not None
-            self.runner.watch(replica.id, "127.0.0.1", replica.host_port, probes)
+            deployment = self._deployment_of(replica) or desired.target
+            self.runner.watch(
+                replica.id, "127.0.0.1", replica.host_port, deployment.probes, deployment.probe_urls
+            )
+
+    def _stop_containers(self, engine: DockerEngine, keys: list[str], drain: bool) -> None:
+        by_id = {c.id: c for c in self._containers}
+
+        def stop_one(key: str) -> None:
+            replica = by_id.get(key)
+            name = replica.name if replica else key[:12]
+            deployment = self._deployment_of(replica) if replica else None
+            grace = deployment.config.stop_duration if deployment else None
+            if drain and self.endpoint is not None:
+                self.memory.draining.add(key)
+                self._publish(force=True)
+                if not self.endpoint.drain(key, DRAIN_SECONDS):
+                    log.warning("%s still had requests after %ss; stopping it anyway", name, DRAIN_SECONDS)
+            log.info("stopping container %s", name)
+            engine.stop_and_remove(key, grace if isinstance(grace, int) else 10)
+            self.memory.draining.discard(key)
+            if self.runner is not None:
+                self.runner.forget(key)
+
+        with ThreadPoolExecutor(max_workers=min(8, len(keys))) as pool:
+            list(pool.map(stop_one, keys))
+        self._containers = [c for c in self._containers if c.id not in keys]
+
+    def _create(self, engine: DockerEngine, desired: _Desired, nums: list[int]) -> None:
+        target = desired.target
+        image_problem = self._ensure_image(engine, desired, nums)
+        if image_problem:
+            for num in nums:
+                self.memory.create_failures[(num, target.number, target.config_hash)] = image_problem
+            return
+        for num in nums:
+            self.memory.progress[num] = "creating container"
+        self._publish(force=True)
+
+        def create(num: int) -> Replica | None:
+            spec = build_replica_spec(
+                config=target.config,
+                run_name=desired.name,
+                run_id=desired.run_id,
+                home=self.store.home,
+                replica_num=num,
+                deployment_num=target.number,
+                cfg_hash=target.config_hash,
+                env_values=target.env,
+                config_dir=desired.config_dir,
+                container_suffix=random_tokens.token_hex(3),
+            )
+            try:
+                replica = engine.create_and_start(spec)
+            except DockerError as exc:
+                log.error("replica %d could not start: %s", num, exc.message)
+                self.memory.create_failures[(num, target.number, target.config_hash)] = exc.message
+                return None
+            finally:
+                self.memory.progress.pop(num, None)
+            log.info(
+                "replica %d (deployment %d) started as %s on port %s",
+                num,
+                target.number,
+                replica.name,
+                replica.host_port,
+            )
+            return replica
+
+        with ThreadPoolExecutor(max_workers=min(8, len(nums))) as pool:
+            created = [r for r in pool.map(create, nums) if r is not None]
+        self._containers = [*self._containers, *created]
+        self._watch_probes(desired)
+
+    def _ensure_image(self, engine: DockerEngine, desired: _Desired, nums: list[int]) -> str | None:
+        image = image_of(desired.target.config)
+        if engine.has_image(image):
+            return None
+
+        def progress(text: str) -> None:
+            for num in nums:
+                self.memory.progress[num] = text
+            self._publish(force=False)
+
+        progress(f"pulling {image}")
+        log.info("pulling image %s", image)
+        try:
+            engine.pull(image, progress, desired.registry_auth)
+        except DockerError as exc:
+            log.error("%s", exc.message)
+            return exc.message
+        finally:
+            for num in nums:
+                self.memory.progress.pop(num, None)
+        return None
+
+    # --- rollouts -----------------------------------------------------------------------
+
+    def _follow_rollout(self, desired: _Desired, steps: Plan) -> None:
+        rollout = desired.rollout or {}
+        state = rollout.get("state")
+        if state not in ROLLOUT_ACTIVE:
+            return
+        if steps.complete:
+            self._finish_rollout("done" if state == "in_progress" else "rolled_back")
+            return
+        failure = self._rollout_failure(
+            desired, steps, int(rollout.get("timeout") or DEFAULT_ROLLOUT_TIMEOUT)
+        )
+        if failure is None:
+            return
+        if state == "in_progress":
+            self._roll_back(failure)
+        else:
+            self._finish_rollout("rollback_failed", f"the rollback failed too: {failure}")
+
+    def _rollout_failure(self, desired: _Desired, steps: Plan, timeout: int) -> str | None:
+        target = desired.target
+        for num in steps.failed:
+            reason = self.memory.create_failures.get((num, target.number, target.config_hash))
+            if reason is None:
+                row = next((r for r in self._rows() if r["replica_num"] == num), None)
+                reason = (row or {}).get("message") or "exited"
+            return f"replica={num} (deployment {target.number}) failed: {reason}"
+        now = time.monotonic()
+        for key in steps.waiting_for:
+            since = self.memory.waiting_since.setdefault(key, now)
+            if now - since > timeout:
+                row = next((r for r in self._rows() if r.get("container_id") == key), None)
+                detail = f": {_probe_detail(row)}" if row else ""
+                which = f"replica={row['replica_num']}" if row else "a new replica"
+                return f"{which} (deployment {target.number}) was not ready within {timeout}s{detail}"
+        return None
+
+    def _roll_back(self, reason: str) -> None:
+        log.warning("rollout failed (%s); rolling back", reason)
+
+        def change(spec: dict[str, Any]) -> None:
+            previous = spec.get("previous")
+            rollout = dict(spec.get("rollout") or {})
+            rollout.update(state="rolling_back", reason=reason, failed_deployment=spec["deployment_num"])
+            spec["rollout"] = rollout
+            if previous:
+                for key in ("config", "config_hash", "deployment_num", "replicas", "probe_urls"):
+                    if key in previous:
+                        spec[key] = previous[key]
+                spec["previous"] = None
+
+        def restore_env(secrets: dict[str, Any]) -> None:
+            if "previous_env" in secrets:
+                secrets["env"] = secrets.pop("previous_env")
+
+        self.store.update(self.name, SECRETS, restore_env)
+        self.store.update(self.name, SPEC, change)
+        self.memory.waiting_since.clear()
+
+    def _finish_rollout(self, state: str, reason: str | None = None) -> None:
+        log.info("rollout %s%s", state, f": {reason}" if reason else "")
+
+        def change(spec: dict[str, Any]) -> None:
+            rollout = dict(spec.get("rollout") or {})
+            rollout["state"] = state
+            rollout["finished_at"] = utc_now()
+            if reason:
+                rollout["reason"] = reason
+            spec["rollout"] = rollout
+            if state == "done":
+                spec["previous"] = None
+
+        self.store.update(self.name, SPEC, change)
+        if state == "done":
+            self.store.update(self.name, SECRETS, lambda secrets: secrets.pop("previous_env", None))
+        self.memory.waiting_since.clear()
+
+    # --- observed state -----------------------------------------------------------------
 
     def _publisher(self) -> None:
         """Writes probe changes to the store promptly, at most every MIN_PUBLISH_GAP_SECONDS."""
@@ -204,144 +458,62 @@ class ServiceAgent:
                 return
             self._dirty.clear()
             try:
-                self._publish(self._replica_rows, force=False)
+                self._publish(force=False)
             except OSError as exc:
                 log.error("cannot write state: %s", exc)
 
-    def _remove(self, engine: DockerEngine, replicas: list[Replica], desired: _Desired) -> None:
-        grace = desired.config.stop_duration
-        grace_seconds = grace if isinstance(grace, int) else 10
-        with ThreadPoolExecutor(max_workers=min(8, len(replicas))) as pool:
-            for replica in replicas:
-                log.info("removing container %s (replica %d)", replica.name, replica.replica_num)
-                pool.submit(engine.stop_and_remove, replica.id, grace_seconds)
-
-    def _create(self, engine: DockerEngine, desired: _Desired, nums: list[int]) -> dict[int, Replica]:
-        image_problem = self._ensure_image(engine, desired, nums)
-        if image_problem:
-            for num in nums:
-                self.observed.create_failures[(num, desired.config_hash)] = image_problem
-            return {}
-        for num in nums:
-            self.observed.progress[num] = "creating container"
-        self._publish(self._replica_rows_with_progress(desired), force=True)
-
-        def create(num: int) -> tuple[int, Replica | None]:
-            spec = build_replica_spec(
-                config=desired.config,
-                run_name=desired.name,
-                run_id=desired.run_id,
-                home=self.store.home,
-                replica_num=num,
-                deployment_num=desired.deployment_num,
-                cfg_hash=desired.config_hash,
-                env_values=desired.env,
-                config_dir=desired.config_dir,
-                container_suffix=random_tokens.token_hex(3),
-            )
-            try:
-                replica = engine.create_and_start(spec)
-            except DockerError as exc:
-                log.error("replica %d could not start: %s", num, exc.message)
-                self.observed.create_failures[(num, desired.config_hash)] = exc.message
-                return num, None
-            log.info("replica %d started as %s on port %s", num, replica.name, replica.host_port)
-            return num, replica
-
-        created: dict[int, Replica] = {}
-        with ThreadPoolExecutor(max_workers=min(8, len(nums))) as pool:
-            for num, replica in pool.map(create, nums):
-                self.observed.progress.pop(num, None)
-                if replica is not None:
-                    created[num] = replica
-        return created
-
-    def _ensure_image(self, engine: DockerEngine, desired: _Desired, nums: list[int]) -> str | None:
-        from dstackctl.replica_spec import image_of
-
-        image = image_of(desired.config)
-        if engine.has_image(image):
-            return None
-
-        def progress(text: str) -> None:
-            for num in nums:
-                self.observed.progress[num] = text
-            self._publish(self._replica_rows_with_progress(desired), force=False)
-
-        progress(f"pulling {image}")
-        log.info("pulling image %s", image)
-        try:
-            engine.pull(image, progress, desired.registry_auth)
-        except DockerError as exc:
-            log.error("%s", exc.message)
-            return exc.message
-        finally:
-            for num in nums:
-                self.observed.progress.pop(num, None)
-        return None
-
-    # --- observed state -----------------------------------------------------------------
-
-    def _replica_rows_with_progress(self, desired: _Desired) -> list[dict[str, Any]]:
-        known = {row["replica_num"]: row for row in self._replica_rows}
-        rows = []
-        for num in range(desired.replicas):
-            row = dict(known.get(num) or self._empty_row(num, desired))
-            if num in self.observed.progress:
-                row.update(status="provisioning", message=self.observed.progress[num])
-            rows.append(row)
-        return rows
-
-    def _empty_row(self, num: int, desired: _Desired) -> dict[str, Any]:
-        return {
-            "replica_num": num,
-            "job_num": 0,
-            "deployment_num": desired.deployment_num,
-            "status": "provisioning",
-            "container_id": None,
-            "container_name": None,
-            "host_port": None,
-            "url": None,
-            "exit_code": None,
-            "message": "waiting for the agent",
-            "log_tail": [],
-            "ready": False,
-            "probes": [],
-            "submitted_at": None,
+    def _rows(self) -> list[dict[str, Any]]:
+        """A row per container (every deployment), plus the target's replicas not created yet."""
+        desired = self._desired
+        if desired is None:
+            return []
+        target = desired.target
+        rows = [self._describe(c) for c in self._containers]
+        present = {
+            r["replica_num"]
+            for r in rows
+            if (r["deployment_num"], r["config_hash"]) == (target.number, target.config_hash)
         }
-
-    def _rows(self, desired: _Desired, keep: dict[int, Replica]) -> list[dict[str, Any]]:
-        rows = []
-        for num in range(desired.replicas):
-            row = self._empty_row(num, desired)
-            replica = keep.get(num)
-            failure = self.observed.create_failures.get((num, desired.config_hash))
-            if replica is not None:
-                row.update(self._describe(replica, desired))
-            elif failure:
+        for num in range(target.replicas):
+            if num in present:
+                continue
+            row = _empty_row(num, target.number, target.config_hash)
+            failure = self.memory.create_failures.get((num, target.number, target.config_hash))
+            if failure:
                 row.update(status="failed", message=failure)
-            elif num in self.observed.progress:
-                row.update(message=self.observed.progress[num])
+            elif num in self.memory.progress:
+                row.update(message=self.memory.progress[num])
+            elif any(r["replica_num"] == num for r in rows):
+                row.update(message="waits for its turn in the rolling update")
             rows.append(row)
-        return rows
+        return sorted(rows, key=lambda r: (r["replica_num"], r["deployment_num"]))
 
-    def _describe(self, replica: Replica, desired: _Desired) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "deployment_num": replica.deployment_num,
-            "container_id": replica.id,
-            "container_name": replica.name,
-            "host_port": replica.host_port,
-            "url": f"http://127.0.0.1:{replica.host_port}" if replica.host_port else None,
-        }
-        if replica.status == "running":
-            row.update(status="running", message=None)
+    def _describe(self, replica: Replica) -> dict[str, Any]:
+        row = _empty_row(replica.replica_num, replica.deployment_num, replica.config_hash)
+        row.update(
+            container_id=replica.id,
+            container_name=replica.name,
+            host_port=replica.host_port,
+            url=f"http://127.0.0.1:{replica.host_port}" if replica.host_port else None,
+            submitted_at=replica.started_at,
+            message=None,
+        )
+        if replica.id in self.memory.draining:
+            row.update(status="terminating", message="draining requests before it stops")
+        elif replica.status == "running":
+            row.update(status="running")
+            snapshot = self.runner.snapshot(replica.id) if self.runner else None
+            if snapshot is not None:
+                row.update(ready=snapshot[0], probes=snapshot[1])
         elif replica.status in ("created", "restarting"):
-            row.update(status="provisioning", message=f"container {replica.status}")
+            row.update(message=f"container {replica.status}")
         else:
-            previous = next((r for r in self._replica_rows if r.get("container_id") == replica.id), None)
-            tail = previous["log_tail"] if previous and previous["status"] == "failed" else None
+            tail = self.memory.log_tails.get(replica.id)
             if tail is None and self.engine is not None:
-                tail = _redact(self.engine.tail_text(replica.id, LOG_TAIL_LINES), desired.env)
+                deployment = self._deployment_of(replica)
+                env = deployment.env if deployment else {}
+                tail = _redact(self.engine.tail_text(replica.id, LOG_TAIL_LINES), env)
+                self.memory.log_tails[replica.id] = tail
             reason = "ran out of memory (OOM killed)" if replica.oom_killed else None
             row.update(
                 status="failed",
@@ -351,25 +523,25 @@ class ServiceAgent:
             )
         return row
 
-    def _with_probes(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A replica's row with its probes; `ready` means in the endpoint's rotation now."""
-        snapshot = None
-        if self.runner is not None and row["status"] == "running" and row.get("container_id"):
-            snapshot = self.runner.snapshot(row["container_id"])
-        if snapshot is None:
-            return {**row, "ready": False, "probes": []}
-        in_rotation, probes = snapshot
-        return {**row, "ready": in_rotation, "probes": probes}
-
-    def _publish(self, rows: list[dict[str, Any]], force: bool) -> None:
+    def _publish(self, force: bool) -> None:
         with self._publish_lock:
-            self._replica_rows = rows
+            rows = self._rows()
+            if self.endpoint is not None:
+                self.endpoint.set_upstreams(
+                    {
+                        r["container_id"]: r["host_port"]
+                        for r in rows
+                        if r["ready"] and r["container_id"] not in self.memory.draining
+                    }
+                )
             document = {
                 "name": self.name,
-                "run_id": self._run_id,
+                "run_id": self._desired.run_id if self._desired else None,
                 "status": _run_status(rows),
                 "engine_problem": self._engine_problem,
-                "replicas": [self._with_probes(row) for row in rows],
+                "endpoint_error": self._endpoint_error,
+                "url": self.endpoint.url if self.endpoint else None,
+                "replicas": rows,
             }
             now = time.monotonic()
             if (
@@ -384,9 +556,34 @@ class ServiceAgent:
             self.store.write(self.name, STATE, {**document, "agent": agent, "updated_at": utc_now()})
 
 
-def _preference(replica: Replica) -> tuple[int, str]:
-    """Running containers first, so a duplicate that is kept is a working one."""
-    return (0 if replica.status == "running" else 1, replica.name)
+def _empty_row(num: int, deployment_num: int, config_hash: str) -> dict[str, Any]:
+    return {
+        "replica_num": num,
+        "job_num": 0,
+        "deployment_num": deployment_num,
+        "config_hash": config_hash,
+        "status": "provisioning",
+        "container_id": None,
+        "container_name": None,
+        "host_port": None,
+        "url": None,
+        "exit_code": None,
+        "message": "waiting for the agent",
+        "log_tail": [],
+        "ready": False,
+        "probes": [],
+        "submitted_at": None,
+    }
+
+
+def _probe_detail(row: dict[str, Any]) -> str:
+    parts = []
+    for probe in row.get("probes") or []:
+        text = f"probe {probe['url']} {probe['success_streak']}/{probe['ready_after']}"
+        if probe.get("last_error"):
+            text += f" ({probe['last_error']})"
+        parts.append(text)
+    return ", ".join(parts) or (row.get("message") or row["status"])
 
 
 def _run_status(rows: list[dict[str, Any]]) -> str:

@@ -126,16 +126,25 @@ class Replica:
             exit_code=None,
             oom_killed=False,
             host_port=int(ports[0]["PublicPort"]) if ports else None,
-            started_at=None,
+            started_at=_epoch_time(summary.get("Created")),
             finished_at=None,
             error=None,
         )
 
 
+def _epoch_time(value: int | None) -> str | None:
+    if not value:
+        return None
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def _docker_time(value: str | None) -> str | None:
+    """Docker's nanosecond timestamps (`...T21:36:02.123456789Z`) to whole seconds in UTC."""
     if not value or value.startswith("0001-"):
         return None
-    return value
+    return value[:19] + "Z"
 
 
 def _engine_error(exc: Exception) -> DockerError:

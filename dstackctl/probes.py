@@ -188,8 +188,13 @@ class ProbeRunner:
 
     # --- registration -------------------------------------------------------------------
 
-    def watch(self, key: str, host: str, port: int, probes: list[ProbeConfig]) -> None:
-        """Start probing a replica now (no initial delay). Re-watching with the same port is a no-op."""
+    def watch(
+        self, key: str, host: str, port: int, probes: list[ProbeConfig], urls: list[str] | None = None
+    ) -> None:
+        """Start probing a replica now (no initial delay). Re-watching with the same port is a no-op.
+
+        `urls` are the probe URLs to report (as written, before `${{ env.X }}` was expanded).
+        """
         with self._lock:
             current = self._targets.get(key)
             if current is not None and current.port == port:
@@ -200,7 +205,10 @@ class ProbeRunner:
                 host=host,
                 port=port,
                 probes=probes,
-                statuses=[ProbeStatus(p.url, p.ready_after, p.until_ready) for p in probes],
+                statuses=[
+                    ProbeStatus(url, p.ready_after, p.until_ready)
+                    for p, url in zip(probes, urls or [p.url for p in probes], strict=True)
+                ],
                 generation=generation,
             )
             target.update_rotation()  # no probes: in rotation at once

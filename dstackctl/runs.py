@@ -29,6 +29,8 @@ class RunView:
     desired: str
     agent_alive: bool
     engine_problem: str | None = None
+    endpoint_error: str | None = None
+    rollout: dict[str, Any] | None = None
     probes: list[str] = field(default_factory=list)
 
     @property
@@ -43,6 +45,7 @@ class RunView:
             "submitted_at": self.submitted_at,
             "url": self.url,
             "agent_alive": self.agent_alive,
+            "rollout": self.rollout,
             "replicas": [
                 {
                     "replica_num": r["replica_num"],
@@ -85,6 +88,8 @@ def view(store: Store, name: str) -> RunView | None:
         desired=desired,
         agent_alive=alive,
         engine_problem=state.get("engine_problem"),
+        endpoint_error=state.get("endpoint_error"),
+        rollout=spec.get("rollout"),
         probes=list(spec.get("probe_urls") or []),
     )
 

@@ -20,6 +20,8 @@ from dstackctl.store import SECRETS, SPEC, STATE, Store
 from dstackctl.timeutil import utc_now
 
 _NAME_CHARS = re.compile(r"[^a-z0-9-]+")
+DEFAULT_ROLLOUT_TIMEOUT = 600
+ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
 
 
 class NoSuchService(DstackctlError):
@@ -73,37 +75,84 @@ def stored_config(loaded: LoadedConfig) -> dict[str, Any]:
 @dataclass
 class Submitted:
     name: str
-    already_running: bool
-    agent_restarted: bool
+    outcome: str  # "started", "unchanged", "scaled" or "rollout"
+    agent_restarted: bool = False
+    deployment_num: int = 0
+
+
+@dataclass
+class Release:
+    """A configuration ready to be recorded: what the store keeps and what the agent needs."""
+
+    config: dict[str, Any]
+    config_hash: str
+    replicas: int
+    env: dict[str, str]
+    probe_urls: list[str]
+
+    @classmethod
+    def of(cls, loaded: LoadedConfig, env_values: dict[str, str]) -> Release:
+        full = loaded.config.model_dump(mode="json", exclude_unset=True)
+        full.pop("replicas", None)  # a change of replicas alone scales in place
+        return cls(
+            config=stored_config(loaded),
+            config_hash=config_hash(full, env_values),
+            replicas=loaded.config.replicas,
+            env=env_values,
+            probe_urls=[probe.url for probe in loaded.config.effective_probes()],
+        )
+
+
+def endpoint_port(loaded: LoadedConfig, override: int | None) -> int:
+    port = loaded.config.port
+    return override or port.local_port or port.container_port
 
 
 def submit(
-    store: Store, loaded: LoadedConfig, name: str, env_values: dict[str, str], engine: DockerEngine
+    store: Store,
+    loaded: LoadedConfig,
+    name: str,
+    env_values: dict[str, str],
+    port_override: int | None = None,
+    rollout_timeout: int = DEFAULT_ROLLOUT_TIMEOUT,
 ) -> Submitted:
-    """Record the desired spec and make sure the service's agent runs."""
-    config = loaded.config
-    data = stored_config(loaded)
-    cfg_hash = config_hash(loaded.config.model_dump(mode="json", exclude_unset=True), env_values)
+    """Record the desired spec and make sure the service's agent runs.
+
+    A running service with the same config is left alone; with only `replicas` changed it
+    scales in place; with any other change it gets a rolling update (as `redeploy -f`).
+    """
+    release = Release.of(loaded, env_values)
     with store.lock(name):
         spec = store.read(name, SPEC)
-        if spec and spec.get("desired") == "running":
-            if spec.get("config_hash") != cfg_hash:
-                raise UsageError(
-                    f"a service named {name} is running with a different configuration; "
-                    f"stop it first (`dstackctl stop {name}`) or pick another name with -n"
-                )
-            restarted = False
-            if not store.agent_alive(name):
-                start_agent(store, name)
-                restarted = True
-            return Submitted(name, already_running=True, agent_restarted=restarted)
-        run_id = uuid.uuid4().hex[:12]
-        registry_auth = None
-        if config.registry_auth:
-            registry_auth = {
-                "username": _expand_secret(config.registry_auth.username, env_values),
-                "password": _expand_secret(config.registry_auth.password, env_values),
-            }
+        running = spec is not None and spec.get("desired") == "running"
+    if running:
+        assert spec is not None
+        if spec.get("config_hash") != release.config_hash:
+            number = start_rollout(store, name, release, rollout_timeout)
+            return Submitted(name, "rollout", deployment_num=number)
+        outcome = "unchanged"
+        if spec.get("replicas") != release.replicas:
+            store.update(name, SPEC, lambda doc: {**doc, "replicas": release.replicas})
+            outcome = "scaled"
+        restarted = ensure_agent(store, name)
+        return Submitted(name, outcome, agent_restarted=restarted, deployment_num=spec["deployment_num"])
+    port = endpoint_port(loaded, port_override)
+    from dstackctl.proxy import port_is_free
+
+    if not port_is_free("127.0.0.1", port):
+        raise DstackctlError(
+            f"port {port} on 127.0.0.1 is in use by another program, and {name}'s endpoint needs it; "
+            f"choose another with --port or `port: LOCAL:CONTAINER`"
+        )
+    registry_auth = None
+    config = loaded.config
+    if config.registry_auth:
+        registry_auth = {
+            "username": _expand_secret(config.registry_auth.username, env_values),
+            "password": _expand_secret(config.registry_auth.password, env_values),
+        }
+    run_id = uuid.uuid4().hex[:12]
+    with store.lock(name):
         store.write(name, SECRETS, {"env": env_values, "registry_auth": registry_auth})
         store.write(
             name,
@@ -112,19 +161,89 @@ def submit(
                 "name": name,
                 "run_id": run_id,
                 "desired": "running",
-                "config": data,
+                "config": release.config,
                 "config_file": str(Path(loaded.file).absolute()),
                 "config_dir": str(Path(loaded.file).absolute().parent),
-                "config_hash": cfg_hash,
+                "config_hash": release.config_hash,
                 "deployment_num": 0,
-                "replicas": config.replicas,
+                "replicas": release.replicas,
                 "submitted_at": utc_now(),
-                "probe_urls": [probe.url for probe in config.effective_probes()],
+                "probe_urls": release.probe_urls,
+                "endpoint_port": port,
+                "previous": None,
+                "rollout": None,
             },
         )
         store.write(name, STATE, {"name": name, "run_id": run_id, "status": "pending", "replicas": []})
     start_agent(store, name)
-    return Submitted(name, already_running=False, agent_restarted=False)
+    return Submitted(name, "started")
+
+
+def ensure_agent(store: Store, name: str) -> bool:
+    """Start the service's agent when it is not running; True when it had to."""
+    if store.agent_alive(name):
+        return False
+    start_agent(store, name)
+    return True
+
+
+def current_release(store: Store, name: str) -> Release:
+    """The running configuration, for `redeploy` without `-f` (restart every replica)."""
+    spec = store.read(name, SPEC) or {}
+    secrets = store.read(name, SECRETS) or {}
+    return Release(
+        config=spec["config"],
+        config_hash=spec["config_hash"],
+        replicas=int(spec["replicas"]),
+        env=dict(secrets.get("env") or {}),
+        probe_urls=list(spec.get("probe_urls") or []),
+    )
+
+
+def start_rollout(store: Store, name: str, release: Release, timeout: int) -> int:
+    """Bump the deployment number and make `release` the target; returns the new number.
+
+    The previous deployment is kept so the agent can roll back to it.
+    """
+    with store.lock(name):
+        spec = store.read(name, SPEC)
+        if spec is None or spec.get("desired") != "running":
+            raise NoSuchService(name)
+        rollout = spec.get("rollout") or {}
+        if rollout.get("state") in ROLLOUT_ACTIVE:
+            raise DstackctlError(
+                f"{name} is already being redeployed (deployment {spec['deployment_num']}, "
+                f"{rollout['state'].replace('_', ' ')}); wait for it to finish (`dstackctl ps -v {name}`)"
+            )
+        secrets = store.read(name, SECRETS) or {}
+        number = int(spec["deployment_num"]) + 1
+        previous = {
+            key: spec.get(key)
+            for key in ("config", "config_hash", "deployment_num", "replicas", "probe_urls")
+        }
+        store.write(name, SECRETS, {**secrets, "env": release.env, "previous_env": secrets.get("env") or {}})
+        store.write(
+            name,
+            SPEC,
+            {
+                **spec,
+                "config": release.config,
+                "config_hash": release.config_hash,
+                "replicas": release.replicas,
+                "probe_urls": release.probe_urls,
+                "deployment_num": number,
+                "previous": previous,
+                "rollout": {
+                    "state": "in_progress",
+                    "from_deployment": spec["deployment_num"],
+                    "to_deployment": number,
+                    "timeout": timeout,
+                    "started_at": utc_now(),
+                },
+            },
+        )
+    ensure_agent(store, name)
+    return number
 
 
 def _expand_secret(text: str, env_values: Mapping[str, str]) -> str:
@@ -168,11 +287,15 @@ def wait_ready(
         if last is None or current.replicas != last.replicas or current.status != last.status:
             on_change(current)
         last = current
-        failed = [r for r in current.replicas if r["status"] == "failed"]
+        if current.endpoint_error:
+            return Outcome(ExitCode.FAILED, f"{name}: {current.endpoint_error}", current)
+        spec = store.read(name, SPEC) or {}
+        wanted = int(spec.get("replicas", 0))
+        rows = [r for r in current.replicas if r.get("deployment_num") == spec.get("deployment_num")]
+        failed = [r for r in rows if r["status"] == "failed"]
         if failed:
             return Outcome(ExitCode.FAILED, _failure_message(name, failed), current)
-        wanted = int((store.read(name, SPEC) or {}).get("replicas", 0))
-        ready = [r for r in current.replicas if r["status"] == "running" and r.get("ready")]
+        ready = [r for r in rows if r["status"] == "running" and r.get("ready")]
         if len(current.replicas) == wanted and len(ready) == wanted and current.status != "pending":
             return Outcome(ExitCode.OK, f"{name} is ready ({wanted} of {wanted} replicas)", current)
         if not current.agent_alive and time.monotonic() > agent_grace:
@@ -183,6 +306,56 @@ def wait_ready(
             )
         if time.monotonic() >= deadline:
             return Outcome(ExitCode.NOT_READY, _timeout_message(name, current, timeout), current)
+        time.sleep(poll)
+
+
+def wait_rollout(
+    store: Store,
+    name: str,
+    deadline: float,
+    on_change: Callable[[RunView], None] = lambda _: None,
+    poll: float = 0.2,
+) -> Outcome:
+    """Wait for the rollout to end: done (exit 0), rolled back or failed (exit 1)."""
+    stop_at = time.monotonic() + deadline
+    last: RunView | None = None
+    agent_grace = time.monotonic() + 5.0
+    while True:
+        current = view(store, name)
+        if current is None:
+            raise NoSuchService(name)
+        if last is None or current.replicas != last.replicas:
+            on_change(current)
+        last = current
+        spec = store.read(name, SPEC) or {}
+        rollout = spec.get("rollout") or {}
+        state = rollout.get("state")
+        if state == "done":
+            return Outcome(
+                ExitCode.OK,
+                f"{name} now runs deployment {spec['deployment_num']} ({spec['replicas']} replicas)",
+                current,
+            )
+        if state == "rolled_back":
+            return Outcome(
+                ExitCode.FAILED,
+                f"the redeploy of {name} failed and was rolled back to deployment "
+                f"{spec['deployment_num']}: {rollout.get('reason')}",
+                current,
+            )
+        if state == "rollback_failed":
+            return Outcome(ExitCode.FAILED, f"{name}: {rollout.get('reason')}", current)
+        if not current.agent_alive and time.monotonic() > agent_grace:
+            return Outcome(
+                ExitCode.FAILED, f"the agent of {name} exited; see {store.log_path(name)}", current
+            )
+        if time.monotonic() >= stop_at:
+            return Outcome(
+                ExitCode.FAILED,
+                f"the redeploy of {name} is still {str(state).replace('_', ' ')} after {deadline:g}s; "
+                f"the agent carries on (`dstackctl ps -v {name}`)",
+                current,
+            )
         time.sleep(poll)
 
 

@@ -47,15 +47,19 @@ def run(
     env: list[str] = typer.Option(
         [], "-e", "--env", metavar="KEY[=VAL]", help="Set an env variable (KEY alone: from your environment)."
     ),
+    port: int | None = typer.Option(
+        None, "--port", min=1, max=65535, help="Port of the service endpoint on 127.0.0.1."
+    ),
     yes: bool = typer.Option(
         False, "-y", "--yes", help="Do not ask for confirmation (dstack compatibility)."
     ),
 ) -> int:
-    """Start a service: its replicas as containers, kept by a background agent.
+    """Start a service: its replicas as containers behind one endpoint, kept by a background agent.
 
     Attached by default: shows progress, then the replicas' logs until Ctrl-C (which detaches;
-    the service keeps running). Exit codes: 0 ready (or already running), 1 a replica failed,
-    2 invalid configuration or name in use, 3 not ready within --timeout.
+    the service keeps running). A running service with a changed config gets a rolling update,
+    as with `redeploy -f`. Exit codes: 0 ready (or already running), 1 a replica failed or a
+    rollout was rolled back, 2 invalid configuration, 3 not ready within --timeout.
     """
     from dstackctl.config.loader import load_service_file
     from dstackctl.services import parse_env_overrides, run_name, submit, wait_ready
@@ -76,20 +80,27 @@ def run(
     env_values = {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
     service = run_name(loaded, name)
     if dry_run:
-        typer.echo(_plan(loaded, service, env_values))
+        typer.echo(_plan(loaded, service, env_values, port))
         return ExitCode.OK
     from dstackctl.docker import DockerEngine
 
     engine = DockerEngine.connect()
     store = Store()
-    submitted = submit(store, loaded, service, env_values, engine)
-    if submitted.already_running:
+    submitted = submit(store, loaded, service, env_values, port, seconds)
+    if submitted.agent_restarted:
+        warn(f"the agent of {service} was not running; restarted it")
+    if submitted.outcome == "rollout":
+        typer.echo(f"{service}: rolling update to deployment {submitted.deployment_num}.", err=True)
+        if no_wait:
+            return ExitCode.OK
+        return _wait_rollout(store, service, seconds, submitted.deployment_num)
+    if submitted.outcome == "unchanged":
         typer.echo(f"{service} is already running with this configuration.")
-        if submitted.agent_restarted:
-            warn(f"the agent of {service} was not running; restarted it")
         if not detach:
             return ExitCode.OK
-    elif no_wait:
+    elif submitted.outcome == "scaled":
+        typer.echo(f"{service}: scaling to {loaded.config.replicas} replicas in place.", err=True)
+    if no_wait:
         typer.echo(f"Submitted {service}; `dstackctl ps -v {service}` shows its progress.")
         return ExitCode.OK
     progress = _Progress()
@@ -105,9 +116,102 @@ def run(
     if outcome.exit_code != ExitCode.OK:
         raise DstackctlError(outcome.message, outcome.exit_code)
     typer.echo(outcome.message + _urls(outcome.view))
-    if detach or submitted.already_running:
+    if detach or submitted.outcome != "started":
         return ExitCode.OK
     return _attach(store, service, engine)
+
+
+def _wait_rollout(store: Any, service: str, seconds: int, deployment_num: int) -> int:
+    from dstackctl.services import wait_rollout
+
+    spec_replicas = int((store.read(service, "spec") or {}).get("replicas", 1))
+    # Each new replica has `seconds` to get ready; the rollback is bounded the same way.
+    overall = seconds * (2 * spec_replicas + 2)
+    try:
+        outcome = wait_rollout(store, service, overall, _Progress().show)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"Interrupted; the agent carries on with the rollout of {service} (`dstackctl ps -v {service}`).",
+            err=True,
+        )
+        return ExitCode.INTERRUPTED
+    if outcome.exit_code != ExitCode.OK:
+        raise DstackctlError(outcome.message, outcome.exit_code)
+    typer.echo(outcome.message + _urls(outcome.view))
+    return ExitCode.OK
+
+
+def redeploy(
+    name: str = typer.Argument(..., help="Service name."),
+    config: Path | None = typer.Option(
+        None, "-f", "--file", help="New service file (default: restart with the same config)."
+    ),
+    timeout: str = typer.Option(
+        DEFAULT_TIMEOUT, "--timeout", help="Each new replica must be ready within this (e.g. 90s, 10m)."
+    ),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return once the rollout has started."),
+    env: list[str] = typer.Option(
+        [], "-e", "--env", metavar="KEY[=VAL]", help="Set an env variable (KEY alone: from your environment)."
+    ),
+) -> int:
+    """Replace a service's replicas one by one; each new one takes traffic only once ready.
+
+    With -f the new config is rolled out (a change of `replicas` alone scales in place);
+    without it every replica is restarted with the same config. When a new replica exits or
+    is not ready within --timeout, the rollout is rolled back and the command exits 1.
+    """
+    from dstackctl.config.loader import load_service_file
+    from dstackctl.services import (
+        NoSuchService,
+        Release,
+        current_release,
+        parse_env_overrides,
+        start_rollout,
+        submit,
+    )
+    from dstackctl.store import Store
+
+    seconds = _parse_timeout(timeout)
+    store = Store()
+    spec = store.read(name, "spec")
+    if spec is None:
+        raise NoSuchService(name)
+    if spec.get("desired") != "running":
+        raise DstackctlError(f"{name} is stopped; start it with `dstackctl run -f FILE`")
+    if config is None:
+        if env:
+            raise UsageError("-e needs -f: give the config file the new values belong to")
+        number = start_rollout(store, name, current_release(store, name), seconds)
+    else:
+        loaded = load_service_file(config)
+        for issue in loaded.warnings:
+            warn(str(issue))
+        overrides = parse_env_overrides(env, os.environ)
+        env_values = {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
+        release = Release.of(loaded, env_values)
+        if release.config_hash == spec.get("config_hash"):
+            if release.replicas == spec.get("replicas"):
+                number = start_rollout(store, name, release, seconds)  # same config: restart
+            else:
+                submit(store, loaded, name, env_values, None, seconds)
+                typer.echo(f"{name}: scaling to {release.replicas} replicas in place.", err=True)
+                return ExitCode.OK if no_wait else _wait_scaled(store, name, seconds)
+        else:
+            number = start_rollout(store, name, release, seconds)
+    typer.echo(f"{name}: rolling update to deployment {number}.", err=True)
+    if no_wait:
+        return ExitCode.OK
+    return _wait_rollout(store, name, seconds, number)
+
+
+def _wait_scaled(store: Any, service: str, seconds: int) -> int:
+    from dstackctl.services import wait_ready
+
+    outcome = wait_ready(store, service, seconds, _Progress().show)
+    if outcome.exit_code != ExitCode.OK:
+        raise DstackctlError(outcome.message, outcome.exit_code)
+    typer.echo(outcome.message + _urls(outcome.view))
+    return ExitCode.OK
 
 
 def _urls(view: RunView | None) -> str:
@@ -123,19 +227,22 @@ class _Progress:
     """Prints a line whenever a replica's status or message changes (to stderr)."""
 
     def __init__(self) -> None:
-        self._last: dict[int, str] = {}
+        self._last: dict[tuple[int, int], str] = {}
 
     def show(self, view: RunView) -> None:
         from dstackctl.services import describe_replica
 
+        several = len({r.get("deployment_num") for r in view.replicas}) > 1
         for replica in view.replicas:
+            key = (replica["replica_num"], replica.get("deployment_num", 0))
             text = describe_replica(replica)
             if replica.get("ready"):
-                text = f"replica={replica['replica_num']} ready on {replica.get('url')}"
-            num = replica["replica_num"]
-            if self._last.get(num) == text:
+                text = f"replica={key[0]} ready on {replica.get('url')}"
+            if several:
+                text = text.replace(f"replica={key[0]} ", f"replica={key[0]} deployment={key[1]} ", 1)
+            if self._last.get(key) == text:
                 continue
-            self._last[num] = text
+            self._last[key] = text
             typer.echo(text, err=True)
 
 
@@ -162,13 +269,13 @@ def _print_logs(lines: Any, prefix: bool) -> None:
         out.flush()
 
 
-def _plan(loaded: Any, service: str, env_values: dict[str, str]) -> str:
+def _plan(loaded: Any, service: str, env_values: dict[str, str], port: int | None) -> str:
     from dstackctl.replica_spec import entrypoint_and_command, image_of
 
     config = loaded.config
     entrypoint, command = entrypoint_and_command(config)
     gpu = config.resources.gpu
-    local_port = config.port.local_port or config.port.container_port
+    local_port = port or config.port.local_port or config.port.container_port
     probes = ", ".join(f"{p.method.upper()} {p.url}" for p in config.effective_probes())
     lines = [
         f"Plan for {service} (nothing was started):",
@@ -225,7 +332,7 @@ def stop(
 
     from dstackctl.docker import DockerEngine
     from dstackctl.runs import all_views
-    from dstackctl.services import stop_service
+    from dstackctl.services import NoSuchService, stop_service
     from dstackctl.store import Store
 
     if all_services and names:
@@ -238,6 +345,11 @@ def stop(
             return ExitCode.OK
     if not names:
         raise UsageError("which service? give its name (`dstackctl ps` lists them) or --all")
+    unknown = [service for service in names if not store.exists(service)]
+    if len(unknown) == len(names):  # nothing to stop: say so without needing Docker
+        for service in unknown:
+            typer.echo(f"error: {NoSuchService(service).message}", err=True)
+        return ExitCode.FAILED
     engine = DockerEngine.connect()
 
     def one(service: str) -> tuple[str, str | None]:
@@ -266,19 +378,23 @@ def logs(
 ) -> int:
     """Print the logs of a service's replicas (prefixed with `replica=N |` when several)."""
     from dstackctl.docker import DockerEngine
-    from dstackctl.services import iter_logs, log_sources
+    from dstackctl.services import NoSuchService, iter_logs, log_sources
     from dstackctl.store import Store
 
     if tail is not None and tail < 0:
         raise UsageError("--tail must be 0 or more")
+    store = Store()
+    if not store.exists(name):  # say so without needing Docker
+        raise NoSuchService(name)
     engine = DockerEngine.connect()
-    sources = log_sources(Store(), name, engine, replica)
+    sources = log_sources(store, name, engine, replica)
     _print_logs(iter_logs(engine, sources, tail=tail, follow=follow), prefix=len(sources) > 1)
     return ExitCode.OK
 
 
 def register(app: typer.Typer) -> None:
     app.command()(run)
+    app.command()(redeploy)
     app.command()(ps)
     app.command()(stop)
     app.command()(logs)
