@@ -1,7 +1,8 @@
-"""Fixtures shared by all test tiers: the Docker engine and the local test image."""
+"""Fixtures shared by all test tiers: the Docker engine, the local test image, a private store."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
@@ -56,3 +57,45 @@ def test_image(docker_client: Any) -> str:
                 pytrace=False,
             )
     return TEST_IMAGE
+
+
+def _remove_home_containers(label: str) -> None:
+    """Remove every container carrying ``dstackctl.home=<label>``; nothing to do without an engine."""
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except (docker.errors.DockerException, requests.exceptions.RequestException):
+        return  # no engine, so no container of this home can exist
+    try:
+        for container in client.containers.list(all=True, filters={"label": f"dstackctl.home={label}"}):
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def dstack_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private ``$DSTACKCTL_HOME`` for one test.
+
+    Teardown stops every agent of that home (``dstackctl stop --all``, in-process, then any
+    agent still alive) and removes every container labelled with the home's label, whatever
+    the test left behind.
+    """
+    from dstackctl.cli.main import run
+    from dstackctl.replica_spec import home_label
+    from dstackctl.runs import stop_agent
+    from dstackctl.store import HOME_VARIABLE, Store
+
+    home = tmp_path / "dstackctl-home"
+    monkeypatch.setenv(HOME_VARIABLE, str(home))
+    label = home_label(home)
+    try:
+        yield home
+    finally:
+        code = run(["stop", "--all"])
+        store = Store(home)
+        for name in store.names():
+            stop_agent(store, name)
+        _remove_home_containers(label)
+        assert code == 0, f"`dstackctl stop --all` exited {code} while cleaning up {home}"

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import random
+import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -24,3 +28,48 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: 
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last value: {value!r})")
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now, below the range the kernel and Docker hand
+    out as ephemeral ports (32768 and up), so a published replica port cannot take it."""
+    for _attempt in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free TCP port found in 20000..31999 on 127.0.0.1")
+
+
+def write_service(
+    directory: Path,
+    name: str,
+    image: str,
+    commands: list[str],
+    replicas: int = 1,
+    env: list[str] | None = None,
+    extra: str = "",
+) -> Path:
+    """Write a dstack ``type: service`` file named ``<name>.dstack.yml`` and return its path.
+
+    The replicas listen on container port 8000; the service endpoint gets a free local port
+    (``port: "LOCAL:8000"``), so services of different tests never compete for one.
+    ``commands`` and ``env`` entries are written as YAML flow scalars (JSON strings);
+    ``extra`` is appended verbatim (whole YAML lines).
+    """
+    lines = [
+        "type: service",
+        f"name: {name}",
+        f"image: {image}",
+        f'port: "{free_port()}:8000"',
+        f"replicas: {replicas}",
+        f"commands: {json.dumps(commands)}",
+    ]
+    if env:
+        lines.append(f"env: {json.dumps(env)}")
+    path = directory / f"{name}.dstack.yml"
+    path.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
+    return path
