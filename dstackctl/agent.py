@@ -25,6 +25,7 @@ from typing import Any
 
 from dstackctl.config.models import ProbeConfig, ServiceConfiguration
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine, DockerError, Replica
+from dstackctl.gpus import Gpu, choose, discover, shortage_message
 from dstackctl.probes import ProbeRunner, resolve_probes
 from dstackctl.proxy import Endpoint, EndpointError
 from dstackctl.replica_spec import build_replica_spec, home_label, image_of
@@ -114,6 +115,7 @@ class ServiceAgent:
         self._last_published: dict[str, Any] | None = None
         self._last_publish_time = 0.0
         self._dirty = threading.Event()
+        self._gpus: list[Gpu] | None = None
 
     # --- main loop ----------------------------------------------------------------------
 
@@ -307,11 +309,20 @@ class ServiceAgent:
             for num in nums:
                 self.memory.create_failures[(num, target.number, target.config_hash)] = image_problem
             return
+        gpus = self._assign_gpus(engine, desired, nums)
+        for num, assignment in list(gpus.items()):
+            if isinstance(assignment, str):
+                self.memory.create_failures[(num, target.number, target.config_hash)] = assignment
+                nums = [n for n in nums if n != num]
+        if not nums:
+            return
         for num in nums:
             self.memory.progress[num] = "creating container"
         self._publish(force=True)
 
         def create(num: int) -> Replica | None:
+            assignment = gpus.get(num)
+            device_ids = [g.uuid for g in assignment] if isinstance(assignment, list) else None
             spec = build_replica_spec(
                 config=target.config,
                 run_name=desired.name,
@@ -323,7 +334,12 @@ class ServiceAgent:
                 env_values=target.env,
                 config_dir=desired.config_dir,
                 container_suffix=random_tokens.token_hex(3),
+                gpu_device_ids=device_ids,
             )
+            if device_ids:
+                log.info(
+                    "replica %d gets GPUs %s (device request device_ids=%s)", num, device_ids, device_ids
+                )
             try:
                 replica = engine.create_and_start(spec)
             except DockerError as exc:
@@ -345,6 +361,48 @@ class ServiceAgent:
             created = [r for r in pool.map(create, nums) if r is not None]
         self._containers = [*self._containers, *created]
         self._watch_probes(desired)
+
+    def _assign_gpus(
+        self, engine: DockerEngine, desired: _Desired, nums: list[int]
+    ) -> dict[int, list[Gpu] | str | None]:
+        """GPUs for each new replica, or the sentence saying why there are none.
+
+        A surge replica of a rollout that finds no free GPU replaces its old replica
+        stop-first: the old one is drained and stopped, then its GPUs are reused.
+        """
+        spec = desired.target.config.resources.gpu
+        if spec is None or not spec.wants_gpus:
+            return dict.fromkeys(nums)
+        self._gpus = discover()
+        taken = engine.gpus_in_use()
+        result: dict[int, list[Gpu] | str | None] = {}
+        for num in nums:
+            chosen = choose(spec, self._gpus, taken)
+            if chosen is None:
+                holder = next(
+                    (
+                        c
+                        for c in self._containers
+                        if c.replica_num == num
+                        and c.gpu_uuids
+                        and (c.deployment_num, c.config_hash)
+                        != (desired.target.number, desired.target.config_hash)
+                    ),
+                    None,
+                )
+                if holder is not None:
+                    log.info("no free GPU for the new replica %d: replacing it stop-first", num)
+                    self.memory.progress[num] = "no free GPU for a surge replica: stopping the old one first"
+                    self._stop_containers(engine, [holder.id], drain=True)
+                    taken = engine.gpus_in_use()
+                    chosen = choose(spec, self._gpus, taken)
+            if chosen is None:
+                result[num] = shortage_message(spec, self._gpus, desired.target.replicas, taken)
+                log.error("replica %d: %s", num, result[num])
+            else:
+                taken.update(g.uuid for g in chosen)
+                result[num] = chosen
+        return result
 
     def _ensure_image(self, engine: DockerEngine, desired: _Desired, nums: list[int]) -> str | None:
         image = image_of(desired.target.config)
@@ -497,6 +555,7 @@ class ServiceAgent:
             url=f"http://127.0.0.1:{replica.host_port}" if replica.host_port else None,
             submitted_at=replica.started_at,
             message=None,
+            gpus=self._gpu_rows(replica.gpu_uuids),
         )
         if replica.id in self.memory.draining:
             row.update(status="terminating", message="draining requests before it stops")
@@ -522,6 +581,14 @@ class ServiceAgent:
                 log_tail=tail or [],
             )
         return row
+
+    def _gpu_rows(self, uuids: list[str]) -> list[dict[str, Any]]:
+        if not uuids:
+            return []
+        if self._gpus is None:
+            self._gpus = discover()
+        known = {g.uuid: g for g in self._gpus}
+        return [known[u].to_json() if u in known else {"uuid": u} for u in uuids]
 
     def _publish(self, force: bool) -> None:
         with self._publish_lock:
@@ -573,6 +640,7 @@ def _empty_row(num: int, deployment_num: int, config_hash: str) -> dict[str, Any
         "ready": False,
         "probes": [],
         "submitted_at": None,
+        "gpus": [],
     }
 
 

@@ -24,6 +24,7 @@ LABEL_REPLICA = "dstackctl.replica"
 LABEL_JOB = "dstackctl.job"
 LABEL_DEPLOYMENT = "dstackctl.deployment"
 LABEL_CONFIG_HASH = "dstackctl.config-hash"
+LABEL_GPUS = "dstackctl.gpus"
 
 NO_GPU_RUNTIME = (
     "this Docker engine has no NVIDIA GPU runtime; install nvidia-container-toolkit, "
@@ -89,6 +90,11 @@ class Replica:
     @property
     def config_hash(self) -> str:
         return self.labels.get(LABEL_CONFIG_HASH, "")
+
+    @property
+    def gpu_uuids(self) -> list[str]:
+        value = self.labels.get(LABEL_GPUS, "")
+        return value.split(",") if value else []
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Replica:
@@ -213,6 +219,19 @@ class DockerEngine:
             raise DockerError(f"cannot list containers: {exc.explanation}") from None
         except requests.exceptions.RequestException as exc:
             raise _engine_error(exc) from None
+
+    def gpus_in_use(self) -> set[str]:
+        """UUIDs of the GPUs assigned to any dstackctl container on this engine (any service)."""
+        try:
+            summaries = self._api.containers(all=True, filters={"label": [LABEL_GPUS]})
+        except docker.errors.APIError as exc:
+            raise DockerError(f"cannot list containers: {exc.explanation}") from None
+        except requests.exceptions.RequestException as exc:
+            raise _engine_error(exc) from None
+        used: set[str] = set()
+        for summary in summaries:
+            used.update(u for u in (summary.get("Labels") or {}).get(LABEL_GPUS, "").split(",") if u)
+        return used
 
     def has_image(self, image: str) -> bool:
         try:

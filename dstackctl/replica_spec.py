@@ -14,6 +14,7 @@ from dstackctl.config.models import ServiceConfiguration
 from dstackctl.docker import (
     LABEL_CONFIG_HASH,
     LABEL_DEPLOYMENT,
+    LABEL_GPUS,
     LABEL_HOME,
     LABEL_JOB,
     LABEL_REPLICA,
@@ -142,20 +143,24 @@ def build_replica_spec(
         **dstack_environment(run_name, run_id, replica_num, job_id, gpu_count, config.working_dir),
         **env_values,
     }
+    labels = {
+        LABEL_RUN: run_name,
+        LABEL_HOME: home_label(home),
+        LABEL_REPLICA: str(replica_num),
+        LABEL_JOB: "0",
+        LABEL_DEPLOYMENT: str(deployment_num),
+        LABEL_CONFIG_HASH: cfg_hash,
+    }
+    if gpu_device_ids:
+        environment["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_device_ids)
+        labels[LABEL_GPUS] = ",".join(gpu_device_ids)
     memory = config.resources.memory
     cpu = config.resources.cpu
     grace = config.stop_duration if isinstance(config.stop_duration, int) else DEFAULT_STOP_GRACE_SECONDS
     return ReplicaSpec(
         name=f"dstackctl-{run_name}-{replica_num}-{container_suffix}",
         image=image_of(config),
-        labels={
-            LABEL_RUN: run_name,
-            LABEL_HOME: home_label(home),
-            LABEL_REPLICA: str(replica_num),
-            LABEL_JOB: "0",
-            LABEL_DEPLOYMENT: str(deployment_num),
-            LABEL_CONFIG_HASH: cfg_hash,
-        },
+        labels=labels,
         container_port=config.port.container_port,
         entrypoint=entrypoint,
         command=command,

@@ -60,6 +60,7 @@ class RunView:
                     "exit_code": r.get("exit_code"),
                     "message": r.get("message"),
                     "log_tail": r.get("log_tail") or [],
+                    "gpus": r.get("gpus") or [],
                 }
                 for r in self.replicas
             ],

@@ -103,6 +103,21 @@ class Release:
         )
 
 
+def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[list[Any]] | None:
+    """Which GPUs each replica would get now (None without a GPU request).
+
+    Raises GpuError (exit 1) with what is missing, e.g. "needs 2 x 24GB..48GB for 2 replicas;
+    found 1 x NVIDIA A10G 24GB".
+    """
+    from dstackctl.gpus import assign, discover
+
+    spec = loaded.config.resources.gpu
+    if spec is None or not spec.wants_gpus:
+        return None
+    taken = engine.gpus_in_use() if engine is not None else set()
+    return assign(spec, discover(), loaded.config.replicas, taken)
+
+
 def endpoint_port(loaded: LoadedConfig, override: int | None) -> int:
     port = loaded.config.port
     return override or port.local_port or port.container_port
@@ -360,11 +375,17 @@ def wait_rollout(
 
 
 def _failure_message(name: str, failed: list[dict[str, Any]]) -> str:
-    parts = []
+    """One line per distinct reason: `replica=0, replica=1 failed: ...`, then log tails."""
+    by_reason: dict[str, list[dict[str, Any]]] = {}
     for row in failed:
-        text = f"replica={row['replica_num']} failed: {row.get('message') or 'unknown reason'}"
-        if row.get("log_tail"):
-            text += "; last log lines:\n    " + "\n    ".join(row["log_tail"])
+        by_reason.setdefault(row.get("message") or "unknown reason", []).append(row)
+    parts = []
+    for reason, rows in by_reason.items():
+        who = ", ".join(f"replica={r['replica_num']}" for r in rows)
+        text = f"{who} failed: {reason}"
+        tail = next((r["log_tail"] for r in rows if r.get("log_tail")), None)
+        if tail:
+            text += "; last log lines:\n    " + "\n    ".join(tail)
         parts.append(text)
     return f"{name}: " + "\n".join(parts)
 

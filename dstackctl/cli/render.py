@@ -22,6 +22,20 @@ def _probe_symbols(replica: dict[str, Any]) -> str:
     return "".join(p.get("symbol", "") for p in replica.get("probes") or [])
 
 
+def gpu_summary(gpus: list[dict[str, Any]]) -> str:
+    """`2xA10G (24GB)`; several models are listed one after the other."""
+    groups: dict[tuple[str, Any], int] = {}
+    for gpu in gpus:
+        name = str(gpu.get("name") or gpu.get("uuid", "GPU"))
+        for prefix in ("NVIDIA ", "Tesla "):
+            name = name.removeprefix(prefix)
+        key = (name.split("-")[0].replace("GeForce ", ""), gpu.get("memory_gb"))
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(
+        f"{count}x{name}" + (f" ({memory}GB)" if memory else "") for (name, memory), count in groups.items()
+    )
+
+
 def _probe_error(replica: dict[str, Any]) -> str | None:
     if replica.get("status") != "running":
         return None
@@ -49,6 +63,9 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
     from tabulate import tabulate
 
     headers = ["NAME", "BACKEND", "STATUS", "PROBES", "SUBMITTED", "URL"]
+    with_gpus = verbose and any(r.get("gpus") for run in views for r in run.replicas)
+    if with_gpus:
+        headers.append("GPU")
     if verbose:
         headers.append("MESSAGE")
     if wide:
@@ -63,6 +80,8 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
             ago(run.submitted_at),
             run.url or "",
         ]
+        if with_gpus:
+            row.append("")
         if verbose:
             row.append(_clip(run.engine_problem, wide))
         if wide:
@@ -81,8 +100,10 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
                 _probe_symbols(replica),
                 ago(replica.get("submitted_at") or run.submitted_at),
                 replica.get("url") or "",
-                _clip(replica.get("message") or _probe_error(replica), wide),
             ]
+            if with_gpus:
+                line.append(gpu_summary(replica.get("gpus") or []))
+            line.append(_clip(replica.get("message") or _probe_error(replica), wide))
             if wide:
                 line.append((replica.get("container_id") or "")[:12])
             rows.append(line)

@@ -79,13 +79,21 @@ def run(
     overrides = parse_env_overrides(env, os.environ)
     env_values = {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
     service = run_name(loaded, name)
-    if dry_run:
-        typer.echo(_plan(loaded, service, env_values, port))
-        return ExitCode.OK
     from dstackctl.docker import DockerEngine
+    from dstackctl.services import gpu_plan
 
+    if dry_run:
+        try:
+            engine: DockerEngine | None = DockerEngine.connect()
+        except DstackctlError:
+            engine = None  # the plan can be made without Docker; GPUs in use are then unknown
+        typer.echo(_plan(loaded, service, env_values, port, gpu_plan(loaded, engine)))
+        return ExitCode.OK
     engine = DockerEngine.connect()
     store = Store()
+    spec = store.read(service, "spec") if store.exists(service) else None
+    if spec is None or spec.get("desired") != "running":
+        gpu_plan(loaded, engine)  # fail before starting anything when the GPUs are not there
     submitted = submit(store, loaded, service, env_values, port, seconds)
     if submitted.agent_restarted:
         warn(f"the agent of {service} was not running; restarted it")
@@ -118,6 +126,7 @@ def run(
     typer.echo(outcome.message + _urls(outcome.view))
     if detach or submitted.outcome != "started":
         return ExitCode.OK
+    assert engine is not None
     return _attach(store, service, engine)
 
 
@@ -269,7 +278,9 @@ def _print_logs(lines: Any, prefix: bool) -> None:
         out.flush()
 
 
-def _plan(loaded: Any, service: str, env_values: dict[str, str], port: int | None) -> str:
+def _plan(
+    loaded: Any, service: str, env_values: dict[str, str], port: int | None, gpus: list[list[Any]] | None
+) -> str:
     from dstackctl.replica_spec import entrypoint_and_command, image_of
 
     config = loaded.config
@@ -286,6 +297,10 @@ def _plan(loaded: Any, service: str, env_values: dict[str, str], port: int | Non
         f"  command:   {' '.join(entrypoint or [])} {' '.join(command or [])}".rstrip(),
         f"  env:       {', '.join(sorted(env_values)) or '(none)'}",
         f"  gpu:       {gpu if gpu and gpu.wants_gpus else 'none'}",
+        *(
+            f"    replica={num}: " + ", ".join(f"GPU {g.index} ({g}, {g.uuid})" for g in chosen)
+            for num, chosen in enumerate(gpus or [])
+        ),
         f"  probes:    {probes or 'none'}",
     ]
     return "\n".join(lines)
