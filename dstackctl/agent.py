@@ -93,6 +93,11 @@ class _Memory:
     draining: set[str] = field(default_factory=set)
     waiting_since: dict[str, float] = field(default_factory=dict)
     log_tails: dict[str, list[str]] = field(default_factory=dict)
+    running_before_outage: set[str] = field(default_factory=set)
+    # keyed by (replica_num, deployment_num)
+    first_failure: dict[tuple[int, int], float] = field(default_factory=dict)
+    restarts: dict[tuple[int, int], int] = field(default_factory=dict)
+    last_exit: dict[tuple[int, int], str] = field(default_factory=dict)
 
 
 class ServiceAgent:
@@ -194,6 +199,8 @@ class ServiceAgent:
     def _lost_engine(self, message: str) -> None:
         if message != self._engine_problem:
             log.warning("Docker problem: %s", message)
+        if self._engine_problem is None:
+            self.memory.running_before_outage = {c.id for c in self._containers if c.status == "running"}
         self._engine_problem = message
         if self.engine is not None:
             self.engine.close()
@@ -219,6 +226,8 @@ class ServiceAgent:
         self._start_endpoint(desired)
         engine = self._connect()
         self._containers = engine.list_replicas(self._labels)
+        if self._recover(engine, desired):
+            self._containers = engine.list_replicas(self._labels)
         self._watch_probes(desired)
         target = desired.target
         steps = plan(
@@ -239,6 +248,50 @@ class ServiceAgent:
             self._create(engine, desired, steps.create)
         self._follow_rollout(desired, steps)
         self._publish(force=False)
+
+    def _recover(self, engine: DockerEngine, desired: _Desired) -> bool:
+        """Repair what a crash or an outage left; True when containers changed.
+
+        - a container `created` but never started (its agent died in between) is removed;
+        - a replica stopped while Docker was away (a Docker restart) is started again;
+        - a replica that exited is replaced when the service's `retry` covers `error`, within
+          `retry.duration` of its first failure, and no rollout is under way.
+        """
+        changed = False
+        target = desired.target
+        rolling = (desired.rollout or {}).get("state") in ROLLOUT_ACTIVE
+        retry = target.config.retry
+        for replica in self._containers:
+            if replica.status == "created":
+                log.info("removing %s: created but never started (an interrupted agent)", replica.name)
+                engine.stop_and_remove(replica.id, 0)
+                changed = True
+            elif replica.status in ("exited", "dead") and replica.id in self.memory.running_before_outage:
+                log.info("starting %s again: it stopped while Docker was away", replica.name)
+                engine.start(replica.id)
+                changed = True
+            elif (
+                replica.status in ("exited", "dead")
+                and retry is not None
+                and "error" in retry.on_events
+                and not rolling
+                and (replica.deployment_num, replica.config_hash) == (target.number, target.config_hash)
+            ):
+                num = (replica.replica_num, replica.deployment_num)
+                first = self.memory.first_failure.setdefault(num, time.monotonic())
+                if retry.duration is not None and time.monotonic() - first > retry.duration:
+                    continue  # the retry window is over: the replica stays failed
+                reason = (
+                    "ran out of memory" if replica.oom_killed else f"exited with code {replica.exit_code}"
+                )
+                self.memory.restarts[num] = self.memory.restarts.get(num, 0) + 1
+                self.memory.last_exit[num] = reason
+                log.info("replica %d %s; replacing it (retry %d)", num[0], reason, self.memory.restarts[num])
+                engine.stop_and_remove(replica.id, 0)
+                changed = True
+        if self._engine_problem is None:
+            self.memory.running_before_outage.clear()
+        return changed
 
     def _observe(self, replica: Replica) -> Observed:
         ready = False
@@ -564,6 +617,15 @@ class ServiceAgent:
             snapshot = self.runner.snapshot(replica.id) if self.runner else None
             if snapshot is not None:
                 row.update(ready=snapshot[0], probes=snapshot[1])
+                if snapshot[0]:
+                    self.memory.first_failure.pop((replica.replica_num, replica.deployment_num), None)
+            restarts = self.memory.restarts.get((replica.replica_num, replica.deployment_num))
+            if restarts:
+                last = self.memory.last_exit[(replica.replica_num, replica.deployment_num)]
+                row.update(
+                    restarts=restarts,
+                    message=f"replaced {restarts} time{'s' if restarts != 1 else ''} (last: {last})",
+                )
         elif replica.status in ("created", "restarting"):
             row.update(message=f"container {replica.status}")
         else:

@@ -328,6 +328,15 @@ class DockerEngine:
             raise DockerError(f"cannot start container {spec.name}: {explanation}") from None
         return self.inspect(container_id)
 
+    def start(self, container_id: str) -> None:
+        """Start an existing, stopped container again (same id, labels and env)."""
+        try:
+            self._api.start(container_id)
+        except docker.errors.NotFound:
+            raise DockerError(f"container {container_id[:12]} no longer exists") from None
+        except docker.errors.APIError as exc:
+            raise DockerError(f"cannot start container {container_id[:12]}: {exc.explanation}") from None
+
     def inspect(self, container_id: str) -> Replica:
         try:
             return Replica.from_attrs(self._api.inspect_container(container_id))

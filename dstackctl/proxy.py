@@ -43,6 +43,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 UPSTREAM_HOST = "127.0.0.1"
+# Right after the endpoint starts (a new or restarted agent) the first probe results are
+# still on their way: requests wait this long for a ready replica before a 503.
+STARTUP_GRACE_SECONDS = 5.0
 
 
 class EndpointError(DstackctlError):
@@ -82,6 +85,8 @@ class Endpoint:
         self._startup_error: BaseException | None = None
         self._runner: web.ServerRunner | None = None
         self._session: ClientSession | None = None
+        self._grace_until = 0.0
+        self._changed: asyncio.Event | None = None
 
     @property
     def url(self) -> str:
@@ -158,6 +163,8 @@ class Endpoint:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, backlog=1024)
         await site.start()
+        self._changed = asyncio.Event()
+        self._grace_until = self._loop.time() + STARTUP_GRACE_SECONDS
 
     async def _shutdown(self) -> None:
         if self._runner is not None:
@@ -167,6 +174,9 @@ class Endpoint:
 
     def _set_upstreams(self, table: list[tuple[str, int]]) -> None:
         self._upstreams = table
+        if table and self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
 
     async def _drain(self, key: str, timeout: float) -> bool:
         self._upstreams = [u for u in self._upstreams if u[0] != key]
@@ -175,6 +185,17 @@ class Endpoint:
         idle = self._idle.setdefault(key, asyncio.Event())
         try:
             await asyncio.wait_for(idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def _wait_for_first_upstream(self) -> bool:
+        """During the startup grace, wait for a ready replica; True when one arrived."""
+        remaining = self._grace_until - self._loop.time()
+        if remaining <= 0 or self._changed is None:
+            return False
+        try:
+            await asyncio.wait_for(self._changed.wait(), remaining)
         except asyncio.TimeoutError:
             return False
         return True
@@ -203,6 +224,8 @@ class Endpoint:
         tried: set[str] = set()
         while True:
             upstream = self._pick(tried)
+            if upstream is None and not tried and await self._wait_for_first_upstream():
+                continue
             if upstream is None:
                 return _unavailable(self.service, retried=bool(tried))
             key, port = upstream

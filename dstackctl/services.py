@@ -226,6 +226,12 @@ def start_rollout(store: Store, name: str, release: Release, timeout: int) -> in
             raise NoSuchService(name)
         rollout = spec.get("rollout") or {}
         if rollout.get("state") in ROLLOUT_ACTIVE:
+            if ensure_agent(store, name):
+                raise DstackctlError(
+                    f"{name} is being redeployed (deployment {spec['deployment_num']}) but its agent "
+                    f"was not running; restarted it, and it carries on with that rollout "
+                    f"(`dstackctl ps -v {name}`)"
+                )
             raise DstackctlError(
                 f"{name} is already being redeployed (deployment {spec['deployment_num']}, "
                 f"{rollout['state'].replace('_', ' ')}); wait for it to finish (`dstackctl ps -v {name}`)"

@@ -328,7 +328,10 @@ def ps(
         views = all_views(store, include_stopped=all_runs)
     for run_view in views:
         if run_view.active and not run_view.agent_alive:
-            warn(f"the agent of {run_view.name} is not running; `dstackctl run` of its file restarts it")
+            warn(
+                f"the agent of {run_view.name} is not running, so its endpoint is down; "
+                f"`dstackctl run` of its file or `dstackctl redeploy {run_view.name}` restarts it"
+            )
         if run_view.engine_problem:
             warn(f"{run_view.name}: {run_view.engine_problem}")
     typer.echo(runs_json(views) if as_json else runs_table(views, verbose, wide))
