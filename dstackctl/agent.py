@@ -30,7 +30,7 @@ from dstackctl.probes import ProbeRunner, resolve_probes
 from dstackctl.proxy import Endpoint, EndpointError
 from dstackctl.replica_spec import build_replica_spec, home_label, image_of
 from dstackctl.rollout import Observed, Plan, Target, plan
-from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
+from dstackctl.store import SECRETS, SPEC, SPEC_RECORD_KEYS, STATE, Store, StoreError
 from dstackctl.timeutil import utc_now
 
 POLL_SECONDS = 0.5
@@ -82,6 +82,7 @@ class _Desired:
     registry_auth: dict[str, str] | None
     endpoint_port: int | None
     rollout: dict[str, Any] | None
+    record: dict[str, Any]
 
 
 @dataclass
@@ -180,6 +181,7 @@ class ServiceAgent:
             registry_auth=secrets.get("registry_auth"),
             endpoint_port=spec.get("endpoint_port"),
             rollout=spec.get("rollout"),
+            record={key: spec.get(key) for key in SPEC_RECORD_KEYS},
         )
 
     def _deployment(self, document: dict[str, Any], env: dict[str, str]) -> _Deployment:
@@ -388,6 +390,7 @@ class ServiceAgent:
                 config_dir=desired.config_dir,
                 container_suffix=random_tokens.token_hex(3),
                 gpu_device_ids=device_ids,
+                spec_record=desired.record,
             )
             if device_ids:
                 log.info(

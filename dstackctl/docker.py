@@ -25,6 +25,8 @@ LABEL_JOB = "dstackctl.job"
 LABEL_DEPLOYMENT = "dstackctl.deployment"
 LABEL_CONFIG_HASH = "dstackctl.config-hash"
 LABEL_GPUS = "dstackctl.gpus"
+# The service's spec (no env values) on every container, so a lost store can be rebuilt.
+LABEL_SPEC = "dstackctl.spec"
 
 NO_GPU_RUNTIME = (
     "this Docker engine has no NVIDIA GPU runtime; install nvidia-container-toolkit, "
@@ -392,6 +394,15 @@ class DockerEngine:
                 stream.close()
         if buffer:
             yield buffer
+
+    def environment(self, container_id: str) -> dict[str, str]:
+        """The container's environment variables (for rebuilding a lost store only)."""
+        try:
+            attrs = self._api.inspect_container(container_id)
+        except docker.errors.APIError as exc:
+            raise DockerError(f"cannot inspect container {container_id[:12]}: {exc.explanation}") from None
+        pairs = (item.partition("=") for item in attrs.get("Config", {}).get("Env") or [])
+        return {key: value for key, _, value in pairs}
 
     def tail_text(self, container_id: str, lines: int) -> list[str]:
         try:

@@ -19,6 +19,7 @@ from dstackctl.docker import (
     LABEL_JOB,
     LABEL_REPLICA,
     LABEL_RUN,
+    LABEL_SPEC,
     ReplicaSpec,
 )
 
@@ -130,6 +131,7 @@ def build_replica_spec(
     config_dir: Path,
     container_suffix: str,
     gpu_device_ids: list[str] | None = None,
+    spec_record: Mapping[str, Any] | None = None,
 ) -> ReplicaSpec:
     entrypoint, command = entrypoint_and_command(config)
     gpu = config.resources.gpu
@@ -151,6 +153,8 @@ def build_replica_spec(
         LABEL_DEPLOYMENT: str(deployment_num),
         LABEL_CONFIG_HASH: cfg_hash,
     }
+    if spec_record is not None:
+        labels[LABEL_SPEC] = json.dumps(spec_record, sort_keys=True)
     if gpu_device_ids:
         environment["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_device_ids)
         labels[LABEL_GPUS] = ",".join(gpu_device_ids)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dstackctl.store import SPEC, STATE, Store
+from dstackctl.store import SPEC, STATE, Store, StoreError
 
 ACTIVE = ("pending", "provisioning", "running", "terminating")
 
@@ -95,9 +95,20 @@ def view(store: Store, name: str) -> RunView | None:
     )
 
 
-def all_views(store: Store, include_stopped: bool) -> list[RunView]:
-    views = [v for v in (view(store, name) for name in store.names()) if v is not None]
-    return [v for v in views if include_stopped or v.active]
+def all_views(store: Store, include_stopped: bool, problems: list[str] | None = None) -> list[RunView]:
+    """Every readable service; the sentence of each unreadable one goes to `problems`."""
+    views = []
+    for name in store.names():
+        try:
+            found = view(store, name)
+        except StoreError as exc:
+            if problems is None:
+                raise
+            problems.append(exc.message)
+            continue
+        if found is not None and (include_stopped or found.active):
+            views.append(found)
+    return views
 
 
 # --- the agent process -----------------------------------------------------------------

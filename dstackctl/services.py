@@ -16,7 +16,7 @@ from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine
 from dstackctl.errors import DstackctlError, ExitCode, UsageError
 from dstackctl.replica_spec import config_hash, home_label
 from dstackctl.runs import RunView, start_agent, stop_agent, view
-from dstackctl.store import SECRETS, SPEC, STATE, Store
+from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
 from dstackctl.timeutil import utc_now
 
 _NAME_CHARS = re.compile(r"[^a-z0-9-]+")
@@ -437,8 +437,14 @@ def stop_service(store: Store, name: str, engine: DockerEngine) -> int:
     if not store.exists(name):
         raise NoSuchService(name)
 
-    store.update(name, SPEC, lambda spec: {**spec, "desired": "stopped"})
-    store.update(name, STATE, lambda state: {**state, "status": "terminating"})
+    try:
+        store.update(name, SPEC, lambda spec: {**spec, "desired": "stopped"})
+        store.update(name, STATE, lambda state: {**state, "status": "terminating"})
+    except StoreError:
+        # A corrupt or foreign record must not keep the containers alive: replace it.
+        with store.lock(name):
+            store.write(name, SPEC, {"name": name, "desired": "stopped", "deployment_num": 0})
+            store.write(name, STATE, {"name": name, "status": "terminating", "replicas": []})
     stop_agent(store, name)
     spec = store.read(name, SPEC) or {}
     grace = (spec.get("config") or {}).get("stop_duration")
@@ -468,6 +474,42 @@ def _duration_seconds(value: Any) -> int:
         return parse_duration(value)
     except ValueError:
         return 10
+
+
+# --- rebuilding a lost record ----------------------------------------------------------------
+
+
+def recover_service(store: Store, name: str, engine: DockerEngine) -> tuple[str, int]:
+    """Rebuild spec.json and secrets.json from the labels and env of the service's newest
+    container, then restart its agent. Returns (container name, deployment number)."""
+    import json
+
+    from dstackctl.docker import LABEL_SPEC
+
+    containers = engine.list_replicas({LABEL_RUN: name, LABEL_HOME: home_label(store.home)})
+    labelled = [c for c in containers if c.labels.get(LABEL_SPEC)]
+    if not labelled:
+        raise DstackctlError(
+            f"no container of {name} is left to rebuild its record from; "
+            f"start it again with `dstackctl run -f FILE`"
+        )
+    newest = max(labelled, key=lambda c: (c.status == "running", c.deployment_num, c.name))
+    try:
+        record = json.loads(newest.labels[LABEL_SPEC])
+    except ValueError:
+        raise DstackctlError(f"the spec label of container {newest.name} is not JSON") from None
+    names = [entry.partition("=")[0] for entry in (record.get("config") or {}).get("env") or []]
+    environment = engine.environment(newest.id)
+    env = {key: environment[key] for key in names if key in environment}
+    stop_agent(store, name)
+    with store.lock(name):
+        store.write(name, SECRETS, {"env": env, "registry_auth": None})
+        store.write(name, SPEC, {**record, "desired": "running", "previous": None, "rollout": None})
+        store.write(
+            name, STATE, {"name": name, "run_id": record.get("run_id"), "status": "pending", "replicas": []}
+        )
+    start_agent(store, name)
+    return newest.name, int(record.get("deployment_num", 0))
 
 
 # --- logs ----------------------------------------------------------------------------------

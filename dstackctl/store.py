@@ -26,6 +26,20 @@ SCHEMA_VERSION = 1
 HOME_VARIABLE = "DSTACKCTL_HOME"
 SPEC, STATE, SECRETS = "spec", "state", "secrets"
 AGENT_LOG = "agent.log"
+# What a container's label keeps of spec.json (everything but rollout bookkeeping).
+SPEC_RECORD_KEYS = (
+    "name",
+    "run_id",
+    "config",
+    "config_file",
+    "config_dir",
+    "config_hash",
+    "deployment_num",
+    "replicas",
+    "submitted_at",
+    "probe_urls",
+    "endpoint_port",
+)
 
 Document = dict[str, Any]
 
@@ -126,14 +140,15 @@ class Store:
             document = json.loads(text)
         except ValueError:
             raise StoreError(
-                f"the state file {path} is corrupt (not JSON); remove {path.parent} "
-                f"and stop leftover containers with `dstackctl stop {name}`"
+                f"the state file {path} is corrupt (not JSON); rebuild the service's record from its "
+                f"containers with `dstackctl recover {name}`, or stop them with `dstackctl stop {name}`"
             ) from None
         if not isinstance(document, dict) or document.get("version") != SCHEMA_VERSION:
             version = document.get("version") if isinstance(document, dict) else None
             raise StoreError(
                 f"the state file {path} has schema version {version!r}, this dstackctl reads "
-                f"version {SCHEMA_VERSION}; use the dstackctl that wrote it or remove {path.parent}"
+                f"version {SCHEMA_VERSION}; use the dstackctl that wrote it, or rebuild the record "
+                f"from the containers with `dstackctl recover {name}`"
             )
         return document
 

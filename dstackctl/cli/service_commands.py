@@ -318,6 +318,7 @@ def ps(
     from dstackctl.runs import all_views, view
     from dstackctl.store import Store
 
+    unreadable: list[str] = []
     store = Store()
     if name is not None:
         found = view(store, name)
@@ -325,7 +326,9 @@ def ps(
             raise DstackctlError(f"no service named {name}; `dstackctl ps -a` lists them")
         views = [found]
     else:
-        views = all_views(store, include_stopped=all_runs)
+        views = all_views(store, include_stopped=all_runs, problems=unreadable)
+    for problem in unreadable:
+        typer.echo(f"error: {problem}", err=True)
     for run_view in views:
         if run_view.active and not run_view.agent_alive:
             warn(
@@ -335,7 +338,7 @@ def ps(
         if run_view.engine_problem:
             warn(f"{run_view.name}: {run_view.engine_problem}")
     typer.echo(runs_json(views) if as_json else runs_table(views, verbose, wide))
-    return ExitCode.OK
+    return ExitCode.FAILED if unreadable else ExitCode.OK
 
 
 def stop(
@@ -410,9 +413,24 @@ def logs(
     return ExitCode.OK
 
 
+def recover(name: str = typer.Argument(..., help="Service name.")) -> int:
+    """Rebuild a service's lost or corrupt record from its containers' labels, restart its agent."""
+    from dstackctl.docker import DockerEngine
+    from dstackctl.services import recover_service
+    from dstackctl.store import Store
+
+    container, deployment = recover_service(Store(), name, DockerEngine.connect())
+    typer.echo(
+        f"Rebuilt the record of {name} from container {container} (deployment {deployment}); "
+        f"its agent runs again (`dstackctl ps -v {name}`)."
+    )
+    return ExitCode.OK
+
+
 def register(app: typer.Typer) -> None:
     app.command()(run)
     app.command()(redeploy)
     app.command()(ps)
     app.command()(stop)
     app.command()(logs)
+    app.command()(recover)
