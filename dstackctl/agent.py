@@ -500,7 +500,9 @@ class ServiceAgent:
         if state == "in_progress":
             self._roll_back(failure)
         else:
-            self._finish_rollout("rollback_failed", f"the rollback failed too: {failure}")
+            cause = rollout.get("reason")
+            cause = f"{cause}; " if cause else ""
+            self._finish_rollout("rollback_failed", f"{cause}the rollback failed too: {failure}")
 
     def _rollout_failure(self, desired: _Desired, steps: Plan, timeout: int) -> str | None:
         target = desired.target

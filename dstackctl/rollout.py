@@ -46,7 +46,7 @@ class Plan:
     remove: list[str] = field(default_factory=list)
     """Containers that serve nothing: stop at once."""
     waiting_for: list[str] = field(default_factory=list)
-    """Current replicas of a rollout that are not ready yet."""
+    """Current replicas that are not ready yet (the agent holds a rollout's deadline to them)."""
     failed: list[int] = field(default_factory=list)
     """Replica numbers of the target that failed (exited, or could not be created)."""
     rolling: bool = False
@@ -76,6 +76,8 @@ def plan(target: Target, observed: list[Observed], create_failed: set[int]) -> P
 
     if not old_serving:
         result.create = missing
+        # A rollout's deadline holds also when nothing old serves (it was not ready either).
+        result.waiting_for = [r.key for r in kept.values() if not r.ready and not r.failed]
         result.complete = len(kept) == target.replicas and all(r.ready for r in kept.values())
         result.complete = result.complete and not result.remove and not result.drain
         return result

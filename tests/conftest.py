@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,23 @@ def docker_client() -> Iterator[Any]:
         client.close()
 
 
+def _image_is_stale(docker_client: Any) -> bool:
+    """True when the test image is missing or older than the newest file of images/testsrv."""
+    try:
+        image = docker_client.images.get(TEST_IMAGE)
+    except docker.errors.ImageNotFound:
+        return True
+    # "Created" is RFC 3339 with nanoseconds, e.g. "2025-01-02T03:04:05.123456789Z".
+    created = datetime.fromisoformat(image.attrs["Created"][:19]).replace(tzinfo=timezone.utc)
+    newest = max(p.stat().st_mtime for p in (REPO_ROOT / "images" / "testsrv").rglob("*"))
+    return newest >= created.timestamp() + 1  # "Created" is cut to whole seconds above
+
+
 @pytest.fixture(scope="session")
 def test_image(docker_client: Any) -> str:
-    """The tag of the busybox test image, built by scripts/build-test-image.sh if missing."""
-    try:
-        docker_client.images.get(TEST_IMAGE)
-    except docker.errors.ImageNotFound:
+    """The tag of the busybox test image, built by scripts/build-test-image.sh when it is
+    missing or older than a file of images/testsrv (a CGI script was added or changed)."""
+    if _image_is_stale(docker_client):
         build = subprocess.run(
             [str(REPO_ROOT / "scripts" / "build-test-image.sh")],
             capture_output=True,

@@ -91,3 +91,11 @@ def test_restart_with_the_same_config_counts_the_deployment_number() -> None:
 def test_create_failures_are_not_retried_and_are_reported() -> None:
     step = plan(Target(0, "h0", 2), [_r("a", 0, 0)], {1})
     assert step.create == [] and step.failed == [1] and not step.complete
+
+
+def test_not_ready_replicas_count_against_a_deadline_even_when_nothing_old_serves() -> None:
+    # a redeploy of a service none of whose replicas was ready: the new one must still be
+    # held to the rollout's deadline, or the rollout could never end
+    step = plan(T1, [_r("a", 0, 0, ready=False), _r("n0", 0, 1, ready=False)], set())
+    assert not step.rolling
+    assert step.waiting_for == ["n0"] and step.remove == ["a"]
