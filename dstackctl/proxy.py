@@ -243,7 +243,9 @@ class Endpoint:
                 except client_exceptions.ClientConnectorError:
                     tried.add(key)  # nothing was sent: safe to try another replica
                     continue
-                except client_exceptions.ServerDisconnectedError:
+                except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError):
+                    # The replica went away before answering (a crash, a reset). Without a
+                    # body nothing is lost by asking another replica; a streamed body is gone.
                     if has_body:
                         return _bad_gateway("the replica closed the connection")
                     tried.add(key)

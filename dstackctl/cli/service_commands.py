@@ -80,7 +80,7 @@ def run(
     env_values = {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
     service = run_name(loaded, name)
     from dstackctl.docker import DockerEngine
-    from dstackctl.services import gpu_plan
+    from dstackctl.services import endpoint_port, gpu_plan
 
     if dry_run:
         try:
@@ -94,6 +94,8 @@ def run(
     spec = store.read(service, "spec") if store.exists(service) else None
     if spec is None or spec.get("desired") != "running":
         gpu_plan(loaded, engine)  # fail before starting anything when the GPUs are not there
+    else:
+        _warn_if_port_changes(spec, endpoint_port(loaded, port))
     submitted = submit(store, loaded, service, env_values, port, seconds)
     if submitted.agent_restarted:
         warn(f"the agent of {service} was not running; restarted it")
@@ -128,6 +130,15 @@ def run(
         return ExitCode.OK
     assert engine is not None
     return _attach(store, service, engine)
+
+
+def _warn_if_port_changes(spec: dict[str, Any], wanted: int) -> None:
+    current = spec.get("endpoint_port")
+    if current is not None and current != wanted:
+        warn(
+            f"the endpoint of {spec.get('name')} keeps port {current}; to move it to {wanted}, "
+            f"stop the service and run it again"
+        )
 
 
 def _wait_rollout(store: Any, service: str, seconds: int, deployment_num: int) -> int:
@@ -174,6 +185,7 @@ def redeploy(
         NoSuchService,
         Release,
         current_release,
+        endpoint_port,
         parse_env_overrides,
         start_rollout,
         submit,
@@ -198,6 +210,7 @@ def redeploy(
         overrides = parse_env_overrides(env, os.environ)
         env_values = {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
         release = Release.of(loaded, env_values)
+        _warn_if_port_changes(spec, endpoint_port(loaded, None))
         if release.config_hash == spec.get("config_hash"):
             if release.replicas == spec.get("replicas"):
                 number = start_rollout(store, name, release, seconds)  # same config: restart
