@@ -566,13 +566,17 @@ class ServiceAgent:
 
     def _publisher(self) -> None:
         """Writes probe changes to the store promptly, at most every MIN_PUBLISH_GAP_SECONDS."""
+        last_write = 0.0
         while not self.stop.is_set():
             if not self._dirty.wait(0.5):
                 continue
-            gap = MIN_PUBLISH_GAP_SECONDS - (time.monotonic() - self._last_publish_time)
+            # The gap counts from this thread's own last write: the reconcile loop's writes
+            # must not delay a probe result that just changed readiness.
+            gap = MIN_PUBLISH_GAP_SECONDS - (time.monotonic() - last_write)
             if gap > 0 and self.stop.wait(gap):
                 return
             self._dirty.clear()
+            last_write = time.monotonic()
             try:
                 self._publish(force=False)
             except OSError as exc:
@@ -678,16 +682,29 @@ class ServiceAgent:
                 "replicas": rows,
             }
             now = time.monotonic()
+            # A probe's last_checked_at changes on every check; it alone does not warrant a
+            # write (a 1000-replica state is ~650 KiB): the heartbeat write carries it.
+            comparable = _without_check_times(document)
             if (
                 not force
-                and document == self._last_published
+                and comparable == self._last_published
                 and now - self._last_publish_time < HEARTBEAT_SECONDS
             ):
                 return
-            self._last_published = document
+            self._last_published = comparable
             self._last_publish_time = now
             agent = {"pid": os.getpid(), "started_at": self._started_at, "heartbeat_at": utc_now()}
             self.store.write(self.name, STATE, {**document, "agent": agent, "updated_at": utc_now()})
+
+
+def _without_check_times(document: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **document,
+        "replicas": [
+            {**row, "probes": [{**p, "last_checked_at": None} for p in row["probes"]]}
+            for row in document["replicas"]
+        ],
+    }
 
 
 def _empty_row(num: int, deployment_num: int, config_hash: str) -> dict[str, Any]:

@@ -11,14 +11,16 @@ comes back when every probe is ready again.
 from __future__ import annotations
 
 import heapq
-import http.client
 import itertools
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from dstackctl import __version__
 from dstackctl.config.interpolation import interpolate
@@ -26,7 +28,9 @@ from dstackctl.config.models import PROBE_NAMESPACES, ProbeConfig, ServiceConfig
 from dstackctl.timeutil import utc_now
 
 USER_AGENT = f"dstackctl/{__version__}"
-BODY_CAP_BYTES = 64 * 1024
+# Only the status line is read; anything after the first 8 KiB is never looked at.
+STATUS_LINE_CAP_BYTES = 8 * 1024
+_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})")
 FAILURES_TO_LEAVE = 3
 DEFAULT_WORKERS = 32
 
@@ -57,29 +61,57 @@ class ProbeResult:
     error: str | None
 
 
+def request_bytes(host: str, port: int, probe: ProbeConfig) -> bytes:
+    """The whole HTTP/1.1 request of a probe; header values cannot smuggle a line break."""
+    url = quote(probe.url, safe="/?&=%:+,;@!$'()*~#[]-._")
+    lines = [
+        f"{probe.method.upper()} {url} HTTP/1.1",
+        f"Host: {host}:{port}",
+        f"User-Agent: {USER_AGENT}",
+        "Connection: close",
+    ]
+    lines += [f"{h.name}: {_one_line(h.value)}" for h in probe.headers]
+    body = probe.body.encode() if probe.body is not None else b""
+    if probe.body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
+
+
+def _one_line(value: str) -> str:
+    return value.replace("\r", " ").replace("\n", " ")
+
+
 def execute_probe(host: str, port: int, probe: ProbeConfig) -> ProbeResult:
-    """Send one probe request; never raises, never follows redirects."""
-    connection = http.client.HTTPConnection(host, port, timeout=probe.timeout)
-    headers = {"User-Agent": USER_AGENT, "Connection": "close"}
-    headers.update({h.name: h.value for h in probe.headers})
-    body = probe.body.encode() if probe.body is not None else None
+    """Send one probe request and read its status line; never raises, never follows redirects.
+
+    A plain socket rather than http.client: a probe needs the status code only, and parsing
+    the headers with http.client cost about half of the runner's CPU at 1000 probes/s.
+    """
+    deadline = time.monotonic() + probe.timeout
     try:
-        connection.request(probe.method.upper(), probe.url, body=body, headers=headers)
-        response = connection.getresponse()
-        response.read(BODY_CAP_BYTES)
-        status = response.status
+        with socket.create_connection((host, port), timeout=probe.timeout) as sock:
+            sock.sendall(request_bytes(host, port, probe))
+            head = b""
+            while b"\n" not in head and len(head) < STATUS_LINE_CAP_BYTES:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(STATUS_LINE_CAP_BYTES - len(head))
+                if not chunk:
+                    break
+                head += chunk
     except ConnectionRefusedError:
         return ProbeResult(False, None, "connection refused")
     except TimeoutError:
         return ProbeResult(False, None, f"timed out after {probe.timeout}s")
     except ConnectionResetError:
         return ProbeResult(False, None, "connection reset")
-    except http.client.RemoteDisconnected:
+    except OSError as exc:
+        return ProbeResult(False, None, f"{type(exc).__name__}: {exc.strerror or exc}"[:200])
+    if not head:
         return ProbeResult(False, None, "closed the connection without a response")
-    except (OSError, http.client.HTTPException) as exc:
-        return ProbeResult(False, None, f"{type(exc).__name__}: {exc}"[:200])
-    finally:
-        connection.close()
+    match = _STATUS_LINE.match(head)
+    if match is None:
+        return ProbeResult(False, None, "answered with something that is not HTTP")
+    status = int(match.group(1))
     if 200 <= status < 300:
         return ProbeResult(True, status, None)
     return ProbeResult(False, status, f"HTTP {status}")
@@ -283,8 +315,13 @@ class ProbeRunner:
             return
         with self._lock:
             if self._targets.get(target.key) is target:
-                next_due = time.monotonic() + probe.interval
-                heapq.heappush(
-                    self._heap, (next_due, next(self._sequence), target.key, index, target.generation)
+                entry = (
+                    time.monotonic() + probe.interval,
+                    next(self._sequence),
+                    target.key,
+                    index,
+                    target.generation,
                 )
-                self._wakeup.notify()
+                heapq.heappush(self._heap, entry)
+                if self._heap[0] is entry:  # only a new earliest deadline changes the scheduler's wait
+                    self._wakeup.notify()
