@@ -1,3 +1,3 @@
-from dstackctl.cli.main import main
+from dstackctl.cli.entry import main
 
 main()

@@ -21,13 +21,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dstackctl.config.models import ProbeConfig, ServiceConfiguration
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine, DockerError, Replica
 from dstackctl.gpus import Gpu, choose, discover, shortage_message
 from dstackctl.probes import ProbeRunner, resolve_probes
-from dstackctl.proxy import Endpoint, EndpointError
 from dstackctl.replica_spec import build_replica_spec, home_label, image_of
 from dstackctl.rollout import Observed, Plan, Target, plan
 from dstackctl.store import SECRETS, SPEC, SPEC_RECORD_KEYS, STATE, Store, StoreError
@@ -42,6 +41,9 @@ DRAIN_SECONDS = 30.0
 DEFAULT_ROLLOUT_TIMEOUT = 600
 AGENT_MODULE = "dstackctl.agent"
 ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
+
+if TYPE_CHECKING:
+    from dstackctl.proxy import Endpoint
 
 log = logging.getLogger("dstackctl.agent")
 
@@ -109,7 +111,7 @@ class ServiceAgent:
         self.engine: DockerEngine | None = None
         self.memory = _Memory()
         self.runner: ProbeRunner | None = None
-        self.endpoint: Endpoint | None = None
+        self.endpoint: Endpoint | None = None  # started after the first containers
         self._labels = {LABEL_RUN: name, LABEL_HOME: home_label(store.home)}
         self._started_at = utc_now()
         self._deployments: dict[str, _Deployment] = {}
@@ -212,6 +214,8 @@ class ServiceAgent:
     def _start_endpoint(self, desired: _Desired) -> None:
         if self.endpoint is not None or self._endpoint_error or desired.endpoint_port is None:
             return
+        from dstackctl.proxy import Endpoint, EndpointError
+
         endpoint = Endpoint(self.name, desired.endpoint_port)
         try:
             endpoint.start()
@@ -225,7 +229,6 @@ class ServiceAgent:
     # --- reconcile ----------------------------------------------------------------------
 
     def _reconcile(self, desired: _Desired) -> None:
-        self._start_endpoint(desired)
         engine = self._connect()
         self._containers = engine.list_replicas(self._labels)
         if self._recover(engine, desired):
@@ -248,6 +251,9 @@ class ServiceAgent:
             self._stop_containers(engine, steps.drain, drain=True)
         if steps.create:
             self._create(engine, desired, steps.create)
+        # After the first creates: no replica can be ready before its container runs, and
+        # importing aiohttp need not delay them.
+        self._start_endpoint(desired)
         self._follow_rollout(desired, steps)
         self._publish(force=False)
 

@@ -16,7 +16,6 @@ import errno
 import itertools
 import json
 import logging
-import socket
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -50,16 +49,6 @@ STARTUP_GRACE_SECONDS = 5.0
 
 class EndpointError(DstackctlError):
     pass
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

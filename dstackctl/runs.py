@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -116,6 +115,8 @@ def all_views(store: Store, include_stopped: bool, problems: list[str] | None = 
 
 def start_agent(store: Store, name: str) -> int:
     """Start the service's agent detached (own session); its output goes to agent.log."""
+    import subprocess  # here, not at the top: `ps` imports this module and must start fast
+
     log_path = store.log_path(name)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:

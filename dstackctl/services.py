@@ -152,7 +152,7 @@ def submit(
         restarted = ensure_agent(store, name)
         return Submitted(name, outcome, agent_restarted=restarted, deployment_num=spec["deployment_num"])
     port = endpoint_port(loaded, port_override)
-    from dstackctl.proxy import port_is_free
+    from dstackctl.netutil import port_is_free
 
     if not port_is_free("127.0.0.1", port):
         raise DstackctlError(
@@ -295,7 +295,7 @@ def wait_ready(
     name: str,
     timeout: float,
     on_change: Callable[[RunView], None] = lambda _: None,
-    poll: float = 0.2,
+    poll: float = 0.05,
 ) -> Outcome:
     """Wait until every replica is running and ready, one fails, the agent dies, or time runs out."""
     deadline = time.monotonic() + timeout
@@ -317,7 +317,13 @@ def wait_ready(
         if failed:
             return Outcome(ExitCode.FAILED, _failure_message(name, failed), current)
         ready = [r for r in rows if r["status"] == "running" and r.get("ready")]
-        if len(current.replicas) == wanted and len(ready) == wanted and current.status != "pending":
+        endpoint_up = current.url is not None or spec.get("endpoint_port") is None
+        if (
+            len(current.replicas) == wanted
+            and len(ready) == wanted
+            and current.status != "pending"
+            and endpoint_up
+        ):
             return Outcome(ExitCode.OK, f"{name} is ready ({wanted} of {wanted} replicas)", current)
         if not current.agent_alive and time.monotonic() > agent_grace:
             return Outcome(

@@ -327,31 +327,9 @@ def ps(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output (versioned envelope)."),
 ) -> int:
     """List services and their replicas. Exit 0 whenever the store could be read."""
-    from dstackctl.cli.render import runs_json, runs_table
-    from dstackctl.runs import all_views, view
-    from dstackctl.store import Store
+    from dstackctl.cli.ps_view import show_runs
 
-    unreadable: list[str] = []
-    store = Store()
-    if name is not None:
-        found = view(store, name)
-        if found is None:
-            raise DstackctlError(f"no service named {name}; `dstackctl ps -a` lists them")
-        views = [found]
-    else:
-        views = all_views(store, include_stopped=all_runs, problems=unreadable)
-    for problem in unreadable:
-        typer.echo(f"error: {problem}", err=True)
-    for run_view in views:
-        if run_view.active and not run_view.agent_alive:
-            warn(
-                f"the agent of {run_view.name} is not running, so its endpoint is down; "
-                f"`dstackctl run` of its file or `dstackctl redeploy {run_view.name}` restarts it"
-            )
-        if run_view.engine_problem:
-            warn(f"{run_view.name}: {run_view.engine_problem}")
-    typer.echo(runs_json(views) if as_json else runs_table(views, verbose, wide))
-    return ExitCode.FAILED if unreadable else ExitCode.OK
+    return show_runs(name, all_runs, verbose, wide, as_json)
 
 
 def stop(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from dstackctl.config.models import (
     ServiceConfiguration,
     cross_field_problems,
 )
-from dstackctl.config.yaml_source import SourceError, YamlSource, read_yaml
+from dstackctl.config.yaml_source import MAX_FILE_BYTES, SourceError, YamlSource, read_yaml, too_big
 
 # Values under these paths may be secret: errors name the place, never echo the input.
 _SECRET_ROOTS = ("env", "registry_auth")
@@ -114,13 +115,18 @@ class LoadedConfig:
 def load_service_file(path: str | Path) -> LoadedConfig:
     name = str(path)
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            # One byte past the limit at most: a huge file (or /dev/zero) is never read whole.
+            raw = handle.read(MAX_FILE_BYTES + 1)
+            size = os.fstat(handle.fileno()).st_size
     except FileNotFoundError:
         raise ConfigError([Issue(name, None, "", "no such file")]) from None
     except IsADirectoryError:
         raise ConfigError([Issue(name, None, "", "is a folder, not a service file")]) from None
     except OSError as exc:
         raise ConfigError([Issue(name, None, "", f"cannot be read: {exc.strerror}")]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([Issue(name, None, "", too_big(size))])
     return parse_service(raw, name)
 
 

@@ -47,11 +47,15 @@ class YamlSource:
         return True, node
 
 
+def too_big(size: int | None) -> str:
+    """The sentence for a file over MAX_FILE_BYTES (`size` None or small: not known)."""
+    shown = f"{size / 1024 / 1024:.1f} MiB" if size and size > MAX_FILE_BYTES else "more than 1 MiB"
+    return f"the file is {shown}; a service file may be at most 1 MiB"
+
+
 def read_yaml(raw: bytes) -> YamlSource:
     if len(raw) > MAX_FILE_BYTES:
-        raise SourceError(
-            f"the file is {len(raw) / 1024 / 1024:.1f} MiB; a service file may be at most 1 MiB"
-        )
+        raise SourceError(too_big(len(raw)))
     if raw.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")):
         raise SourceError("the file is UTF-16 or UTF-32 text; save it as UTF-8")
     if b"\x00" in raw:

@@ -22,7 +22,7 @@ import requests
 from helpers import wait_until, write_service
 
 from dstackctl.cli.main import run
-from dstackctl.proxy import port_is_free
+from dstackctl.netutil import port_is_free
 from dstackctl.replica_spec import home_label
 
 pytestmark = pytest.mark.docker
