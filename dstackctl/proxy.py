@@ -229,7 +229,10 @@ class Endpoint:
                         allow_redirects=False,
                         compress=False,
                     )
-                except client_exceptions.ClientConnectorError:
+                except client_exceptions.ClientConnectorError as exc:
+                    if exc.os_error.errno in (errno.EMFILE, errno.ENFILE):
+                        log.error("endpoint %s is out of file descriptors", self.service)
+                        return _json_response(503, {"error": "the endpoint is out of file descriptors"})
                     tried.add(key)  # nothing was sent: safe to try another replica
                     continue
                 except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError):
