@@ -41,6 +41,9 @@ DRAIN_SECONDS = 30.0
 DEFAULT_ROLLOUT_TIMEOUT = 600
 AGENT_MODULE = "dstackctl.agent"
 ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
+# Docker states in which a replica's processes exist. `paused` (`docker pause`) is a hang that
+# Docker knows of: the replica is probed as usual, and its probes time out.
+LIVE_STATES = ("running", "paused")
 
 if TYPE_CHECKING:
     from dstackctl.proxy import Endpoint
@@ -124,6 +127,7 @@ class ServiceAgent:
         self._last_publish_time = 0.0
         self._dirty = threading.Event()
         self._gpus: list[Gpu] | None = None
+        self._endpoint_thread: threading.Thread | None = None
 
     # --- main loop ----------------------------------------------------------------------
 
@@ -144,6 +148,8 @@ class ServiceAgent:
         finally:
             self.stop.set()
             self.runner.close()
+            if self._endpoint_thread is not None:
+                self._endpoint_thread.join(10)
             if self.endpoint is not None:
                 self.endpoint.close()
             publisher.join(1.0)
@@ -211,6 +217,16 @@ class ServiceAgent:
         self.engine = None
         self._publish(force=False)
 
+    def _start_endpoint_soon(self, desired: _Desired) -> None:
+        """Start the endpoint in a thread: importing aiohttp (~0.2 s) then overlaps with the
+        first containers being created, which is mostly waiting on Docker."""
+        if self._endpoint_thread is not None or desired.endpoint_port is None:
+            return
+        self._endpoint_thread = threading.Thread(
+            target=self._start_endpoint, args=(desired,), name="endpoint-start", daemon=True
+        )
+        self._endpoint_thread.start()
+
     def _start_endpoint(self, desired: _Desired) -> None:
         if self.endpoint is not None or self._endpoint_error or desired.endpoint_port is None:
             return
@@ -225,10 +241,12 @@ class ServiceAgent:
             return
         self.endpoint = endpoint
         log.info("endpoint listening on %s", endpoint.url)
+        self._dirty.set()
 
     # --- reconcile ----------------------------------------------------------------------
 
     def _reconcile(self, desired: _Desired) -> None:
+        self._start_endpoint_soon(desired)
         engine = self._connect()
         self._containers = engine.list_replicas(self._labels)
         if self._recover(engine, desired):
@@ -251,9 +269,6 @@ class ServiceAgent:
             self._stop_containers(engine, steps.drain, drain=True)
         if steps.create:
             self._create(engine, desired, steps.create)
-        # After the first creates: no replica can be ready before its container runs, and
-        # importing aiohttp need not delay them.
-        self._start_endpoint(desired)
         self._follow_rollout(desired, steps)
         self._publish(force=False)
 
@@ -303,15 +318,25 @@ class ServiceAgent:
 
     def _observe(self, replica: Replica) -> Observed:
         ready = False
-        if replica.status == "running" and self.runner is not None:
+        live = replica.status in LIVE_STATES
+        if live and self.runner is not None:
             snapshot = self.runner.snapshot(replica.id)
             ready = bool(snapshot and snapshot[0])
+            target = self._desired.target if self._desired else None
+            old = target is None or (replica.deployment_num, replica.config_hash) != (
+                target.number,
+                target.config_hash,
+            )
+            if old and snapshot is not None and not ready:
+                # Not probed yet (a restarted agent's first look): an old replica that may be
+                # serving is drained in its turn, never removed before a new one is ready.
+                ready = any(probe["last_checked_at"] is None for probe in snapshot[1])
         return Observed(
             key=replica.id,
             replica_num=replica.replica_num,
             deployment_num=replica.deployment_num,
             config_hash=replica.config_hash,
-            running=replica.status == "running",
+            running=live,
             ready=ready and replica.id not in self.memory.draining,
             failed=replica.status in ("exited", "dead"),
         )
@@ -329,7 +354,7 @@ class ServiceAgent:
     def _watch_probes(self, desired: _Desired) -> None:
         """Probe running replicas (each with the probes of its own deployment); forget the rest."""
         assert self.runner is not None
-        running = {r.id: r for r in self._containers if r.status == "running" and r.host_port}
+        running = {r.id: r for r in self._containers if r.status in LIVE_STATES and r.host_port}
         for key in self.runner.watched():
             if key not in running:
                 self.runner.forget(key)
@@ -563,9 +588,12 @@ class ServiceAgent:
             if state == "done":
                 spec["previous"] = None
 
+        def drop_previous_env(secrets: dict[str, Any]) -> None:
+            secrets.pop("previous_env", None)  # in place: a returned value would replace the file
+
         self.store.update(self.name, SPEC, change)
         if state == "done":
-            self.store.update(self.name, SECRETS, lambda secrets: secrets.pop("previous_env", None))
+            self.store.update(self.name, SECRETS, drop_previous_env)
         self.memory.waiting_since.clear()
 
     # --- observed state -----------------------------------------------------------------
@@ -627,7 +655,7 @@ class ServiceAgent:
         )
         if replica.id in self.memory.draining:
             row.update(status="terminating", message="draining requests before it stops")
-        elif replica.status == "running":
+        elif replica.status in LIVE_STATES:
             row.update(status="running")
             snapshot = self.runner.snapshot(replica.id) if self.runner else None
             if snapshot is not None:
@@ -641,6 +669,8 @@ class ServiceAgent:
                     restarts=restarts,
                     message=f"replaced {restarts} time{'s' if restarts != 1 else ''} (last: {last})",
                 )
+            if replica.status == "paused":
+                row.update(message="paused (docker pause): it cannot answer until unpaused")
         elif replica.status in ("created", "restarting"):
             row.update(message=f"container {replica.status}")
         else:
@@ -765,6 +795,20 @@ def _redact(lines: list[str], env: dict[str, str]) -> list[str]:
     return result
 
 
+def _raise_open_file_limit() -> None:
+    """Each proxied request holds two descriptors: 1,000 open streams need more than the
+    common soft limit of 1,024, and running out looked like "no replica could be reached"."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=AGENT_MODULE)
     parser.add_argument("name")
@@ -783,6 +827,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    _raise_open_file_limit()
     try:
         return ServiceAgent(Store(Path(args.home)), args.name, stop).run()
     except Exception:

@@ -54,7 +54,7 @@ def parse_env_overrides(pairs: list[str], environ: Mapping[str, str]) -> dict[st
     result = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*\Z", key):
             raise UsageError(f"-e {key!r}: expected KEY=VALUE or KEY with a valid variable name")
         if not sep:
             if key not in environ:

@@ -65,6 +65,8 @@ class Store:
         self.services = self.home / "services"
 
     def service_dir(self, name: str, create: bool = False) -> Path:
+        if name in ("", ".", "..") or "/" in name or "\0" in name:  # a NAME argument like ../x
+            raise StoreError(f"no service named {name!r}; `dstackctl ps -a` lists them")
         path = self.services / name
         if create:
             _private_dir(self.home)

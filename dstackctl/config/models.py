@@ -39,9 +39,10 @@ from dstackctl.config.units import (
 MAX_PROBES = 10
 PROBE_NAMESPACES = ("env",)
 SECRET_NAMESPACES = ("secrets", "env")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-RUN_NAME = re.compile(r"^[a-z][a-z0-9-]{1,40}$")
-HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# \Z, not $: `$` also matches before a final line break, and "name\n" is not a name.
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+RUN_NAME = re.compile(r"^[a-z][a-z0-9-]{1,40}\Z")
+HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 PythonVersion = Literal["3.9", "3.10", "3.11", "3.12", "3.13", "3.14"]
 PYTHON_VERSIONS: tuple[str, ...] = typing.get_args(PythonVersion)
 
