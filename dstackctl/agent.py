@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from dstackctl.config.models import ProbeConfig, ServiceConfiguration
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine, DockerError, Replica
 from dstackctl.gpus import Gpu, choose, discover, shortage_message
-from dstackctl.probes import ProbeRunner, resolve_probes
+from dstackctl.probes import FAILURES_TO_LEAVE, ProbeRunner, resolve_probes
 from dstackctl.replica_spec import build_replica_spec, home_label, image_of
 from dstackctl.rollout import Observed, Plan, Target, plan
 from dstackctl.store import SECRETS, SPEC, SPEC_RECORD_KEYS, STATE, Store, StoreError
@@ -44,6 +44,11 @@ ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
 # Docker states in which a replica's processes exist. `paused` (`docker pause`) is a hang that
 # Docker knows of: the replica is probed as usual, and its probes time out.
 LIVE_STATES = ("running", "paused")
+# With `retry` covering `error`, a live replica whose probe failed this many times in a row is
+# replaced: twice the failures that take it out of the endpoint.
+HUNG_FAILURES = 2 * FAILURES_TO_LEAVE
+# A replica seen running this shortly before Docker went away is started again when it is back.
+OUTAGE_LOOKBACK_SECONDS = 30.0
 
 if TYPE_CHECKING:
     from dstackctl.proxy import Endpoint
@@ -100,6 +105,7 @@ class _Memory:
     waiting_since: dict[str, float] = field(default_factory=dict)
     log_tails: dict[str, list[str]] = field(default_factory=dict)
     running_before_outage: set[str] = field(default_factory=set)
+    seen_running: dict[str, float] = field(default_factory=dict)
     # keyed by (replica_num, deployment_num)
     first_failure: dict[tuple[int, int], float] = field(default_factory=dict)
     restarts: dict[tuple[int, int], int] = field(default_factory=dict)
@@ -140,6 +146,8 @@ class ServiceAgent:
 
     def _loop(self) -> int:
         log.info("agent for %s started (pid %d)", self.name, os.getpid())
+        if self.store.remove_leftover_temp_files(self.name):
+            log.info("removed temporary files of interrupted writes")
         self.runner = ProbeRunner(on_change=lambda _key: self._dirty.set())
         publisher = threading.Thread(target=self._publisher, name="publisher", daemon=True)
         publisher.start()
@@ -168,6 +176,9 @@ class ServiceAgent:
             except StoreError as exc:
                 log.error("%s", exc.message)
                 return 1
+            except Exception:
+                # A bug must not take the endpoint down with it: log it and try again.
+                log.exception("unexpected error in the reconcile loop; retrying")
             self.stop.wait(POLL_SECONDS)
         log.info("agent for %s stopped", self.name)
         return 0
@@ -210,7 +221,12 @@ class ServiceAgent:
         if message != self._engine_problem:
             log.warning("Docker problem: %s", message)
         if self._engine_problem is None:
-            self.memory.running_before_outage = {c.id for c in self._containers if c.status == "running"}
+            # Seen running shortly before: Docker may have stopped them on its way down before
+            # this agent noticed that it was going.
+            recent = time.monotonic() - OUTAGE_LOOKBACK_SECONDS
+            self.memory.running_before_outage = {
+                key for key, seen in self.memory.seen_running.items() if seen >= recent
+            }
         self._engine_problem = message
         if self.engine is not None:
             self.engine.close()
@@ -249,6 +265,11 @@ class ServiceAgent:
         self._start_endpoint_soon(desired)
         engine = self._connect()
         self._containers = engine.list_replicas(self._labels)
+        now = time.monotonic()
+        self.memory.seen_running = {
+            **{k: t for k, t in self.memory.seen_running.items() if now - t < OUTAGE_LOOKBACK_SECONDS},
+            **{c.id: now for c in self._containers if c.status == "running"},
+        }
         if self._recover(engine, desired):
             self._containers = engine.list_replicas(self._labels)
         self._watch_probes(desired)
@@ -277,8 +298,9 @@ class ServiceAgent:
 
         - a container `created` but never started (its agent died in between) is removed;
         - a replica stopped while Docker was away (a Docker restart) is started again;
-        - a replica that exited is replaced when the service's `retry` covers `error`, within
-          `retry.duration` of its first failure, and no rollout is under way.
+        - a replica that exited, or that hangs (a probe failed HUNG_FAILURES times in a row,
+          twice what takes it out of rotation), is replaced when the service's `retry` covers
+          `error`, within `retry.duration` of its first failure, and no rollout is under way.
         """
         changed = False
         target = desired.target
@@ -294,7 +316,7 @@ class ServiceAgent:
                 engine.start(replica.id)
                 changed = True
             elif (
-                replica.status in ("exited", "dead")
+                (replica.status in ("exited", "dead") or self._hung(replica))
                 and retry is not None
                 and "error" in retry.on_events
                 and not rolling
@@ -304,9 +326,12 @@ class ServiceAgent:
                 first = self.memory.first_failure.setdefault(num, time.monotonic())
                 if retry.duration is not None and time.monotonic() - first > retry.duration:
                     continue  # the retry window is over: the replica stays failed
-                reason = (
-                    "ran out of memory" if replica.oom_killed else f"exited with code {replica.exit_code}"
-                )
+                if replica.status in LIVE_STATES:
+                    reason = "stopped answering its probes"
+                elif replica.oom_killed:
+                    reason = "ran out of memory"
+                else:
+                    reason = f"exited with code {replica.exit_code}"
                 self.memory.restarts[num] = self.memory.restarts.get(num, 0) + 1
                 self.memory.last_exit[num] = reason
                 log.info("replica %d %s; replacing it (retry %d)", num[0], reason, self.memory.restarts[num])
@@ -315,6 +340,16 @@ class ServiceAgent:
         if self._engine_problem is None:
             self.memory.running_before_outage.clear()
         return changed
+
+    def _hung(self, replica: Replica) -> bool:
+        if replica.status not in LIVE_STATES or self.runner is None:
+            return False
+        snapshot = self.runner.snapshot(replica.id)
+        return bool(
+            snapshot
+            and not snapshot[0]
+            and any(p.get("failure_streak", 0) >= HUNG_FAILURES for p in snapshot[1])
+        )
 
     def _observe(self, replica: Replica) -> Observed:
         ready = False
@@ -447,6 +482,7 @@ class ServiceAgent:
         with ThreadPoolExecutor(max_workers=min(8, len(nums))) as pool:
             created = [r for r in pool.map(create, nums) if r is not None]
         self._containers = [*self._containers, *created]
+        self.memory.seen_running.update(dict.fromkeys((r.id for r in created), time.monotonic()))
         self._watch_probes(desired)
 
     def _assign_gpus(

@@ -174,12 +174,33 @@ def _engine_error(exc: Exception) -> DockerError:
     return DockerError(f"cannot talk to Docker: {text}")
 
 
+class _Guarded:
+    """docker-py's low-level client, with a lost connection to the engine (Docker stopped or
+    restarting) raised as DockerError from every call, never as a requests exception."""
+
+    def __init__(self, api: Any) -> None:
+        self._api = api
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._api, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except requests.exceptions.RequestException as exc:
+                raise _engine_error(exc) from None
+
+        return call
+
+
 class DockerEngine:
     """A connection to the local engine with the few operations dstackctl needs."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self._api = client.api
+        self._api = _Guarded(client.api)
 
     @classmethod
     def connect(cls, timeout: int = 30) -> DockerEngine:
@@ -383,7 +404,7 @@ class DockerEngine:
             raise DockerError(f"cannot read logs: {exc.explanation}") from None
         buffer = b""
         try:
-            for chunk in stream:
+            for chunk in _until_disconnected(stream):
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 yield from (line + b"\n" for line in lines)
@@ -407,10 +428,18 @@ class DockerEngine:
     def tail_text(self, container_id: str, lines: int) -> list[str]:
         try:
             raw = self._api.logs(container_id, stdout=True, stderr=True, tail=lines)
-        except docker.errors.APIError:
+        except (docker.errors.APIError, DockerError):
             return []
         text: str = raw.decode("utf-8", "replace")
         return text.splitlines()[-lines:]
+
+
+def _until_disconnected(stream: Any) -> Iterator[bytes]:
+    """A log stream that ends quietly when the engine goes away."""
+    try:
+        yield from stream
+    except (requests.exceptions.RequestException, OSError):
+        return
 
 
 def _split_image(image: str) -> tuple[str, str]:

@@ -156,6 +156,7 @@ class ProbeStatus:
         return {
             "url": self.url,
             "success_streak": self.success_streak,
+            "failure_streak": self.failure_streak,
             "ready_after": self.ready_after,
             "symbol": self.symbol,
             "last_checked_at": self.last_checked_at,

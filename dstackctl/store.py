@@ -170,6 +170,17 @@ class Store:
                 os.unlink(temp)
             raise
 
+    def remove_leftover_temp_files(self, name: str) -> int:
+        """Delete temporary files of writes that were killed before their rename (they may hold
+        secrets). Under the service's lock, so no write in progress loses its file."""
+        removed = 0
+        with self.lock(name):
+            for path in self.service_dir(name).glob(".*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed += 1
+        return removed
+
     def update(self, name: str, kind: str, change: Callable[[Document], Document | None]) -> Document:
         """Read, change and write under the service's lock; `change` may edit in place."""
         with self.lock(name):

@@ -325,3 +325,13 @@ def test_ps_lists_the_readable_services_and_names_the_broken_one(home: Path) -> 
     assert code == 1
     assert [r["name"] for r in json.loads(out)["runs"]] == ["fine"]
     assert_one_sentence(err, broken, BROKEN["foreign-version"][1])
+
+
+def test_the_agent_start_removes_temp_files_of_killed_writes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "home")
+    store.write("svc", "state", {"status": "running"})
+    leftover = store.service_dir("svc") / ".secrets.abc123.tmp"
+    leftover.write_text('{"env": {"TOKEN": "value"}}')
+    assert store.remove_leftover_temp_files("svc") == 1
+    assert not leftover.exists()
+    assert store.read("svc", "state") == {"status": "running", "version": 1}
