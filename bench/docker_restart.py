@@ -108,6 +108,9 @@ def trial(env: dict[str, str], port: int, home: Path) -> dict[str, Any]:
         text=True,
     ).stdout.split()
     log_text = (home / "services" / "restartsvc" / "agent.log").read_text()
+    if "Traceback" in log_text:  # show where, for the report
+        start = log_text.index("Traceback")
+        print(log_text[max(0, start - 300) : start + 2500], file=sys.stderr)
     return {
         "dockerd_down_s": round(down, 2),
         "ps_reports_problem_s": round(problem_seen, 2),

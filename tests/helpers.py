@@ -7,8 +7,11 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -73,3 +76,32 @@ def write_service(
     path = directory / f"{name}.dstack.yml"
     path.write_text("\n".join(lines) + "\n" + extra, encoding="utf-8")
     return path
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Result:
+    """Run dstackctl in-process and return its exit code and what it printed (never a traceback)."""
+    from dstackctl.cli.main import run
+
+    capsys.readouterr()  # drop what earlier steps printed
+    code = run([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err, captured.err
+    return Result(code, captured.out, captured.err)
+
+
+def ps_run(capsys: pytest.CaptureFixture[str], name: str) -> dict[str, Any]:
+    """The run `name` as `ps --json NAME` shows it."""
+    result = cli(capsys, "ps", "--json", name)
+    assert result.code == 0, result.err
+    document = json.loads(result.out)
+    assert document["version"] == 1
+    [found] = document["runs"]
+    assert found["name"] == name
+    return dict(found)

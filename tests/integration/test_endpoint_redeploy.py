@@ -9,7 +9,6 @@ of which deployment served it. The CLI runs in-process; the agent is a real proc
 from __future__ import annotations
 
 import http.client
-import json
 import threading
 import time
 from dataclasses import dataclass
@@ -19,9 +18,8 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from helpers import wait_until, write_service
+from helpers import cli, ps_run, wait_until, write_service
 
-from dstackctl.cli.main import run
 from dstackctl.netutil import port_is_free
 from dstackctl.replica_spec import home_label
 
@@ -30,31 +28,6 @@ pytestmark = pytest.mark.docker
 HTTPD = "httpd -f -p 8000 -h /www"
 WAIT = 30.0  # generous upper bound for anything the agent does on a 2-core machine
 HEALTH = "probes:\n  - type: http\n    url: /cgi-bin/health\n    interval: 1s\n"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Result:
-    """Run dstackctl in-process and return its exit code and what it printed."""
-    capsys.readouterr()  # drop what earlier steps printed
-    code = run([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
-
-
-def ps_run(capsys: pytest.CaptureFixture[str], name: str) -> dict[str, Any]:
-    """The run `name` as `ps --json NAME` shows it."""
-    result = cli(capsys, "ps", "--json", name)
-    assert result.code == 0, result.err
-    document = json.loads(result.out)
-    assert document["version"] == 1
-    [found] = document["runs"]
-    return dict(found)
 
 
 def container_ids(run_json: dict[str, Any]) -> dict[int, str]:

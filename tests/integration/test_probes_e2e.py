@@ -9,7 +9,6 @@ server is read inside the container: /cgi-bin/record appends each request to
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_until, write_service
+from helpers import cli, ps_run, wait_until, write_service
 
-from dstackctl.cli.main import run
 from dstackctl.store import Store
 
 pytestmark = pytest.mark.docker
@@ -29,31 +27,6 @@ WAIT = 30.0  # generous upper bound for anything the agent does on a 2-core mach
 # What a probe reports when nothing listens in the container yet. Docker's userland proxy
 # may accept the connection on the published port and then close or reset it.
 CONNECTION_ERRORS = {"connection refused", "connection reset", "closed the connection without a response"}
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Result:
-    """Run dstackctl in-process and return its exit code and what it printed."""
-    capsys.readouterr()  # drop what earlier steps printed
-    code = run([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
-
-
-def ps_run(capsys: pytest.CaptureFixture[str], name: str) -> dict[str, Any]:
-    """The run `name` as `ps --json NAME` shows it."""
-    result = cli(capsys, "ps", "--json", name)
-    assert result.code == 0, result.err
-    document = json.loads(result.out)
-    assert document["version"] == 1
-    [found] = document["runs"]
-    return dict(found)
 
 
 def replica(capsys: pytest.CaptureFixture[str], name: str, num: int = 0) -> dict[str, Any]:

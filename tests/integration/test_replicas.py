@@ -12,15 +12,13 @@ import os
 import signal
 import stat
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from helpers import wait_until, write_service
+from helpers import cli, ps_run, wait_until, write_service
 
-from dstackctl.cli.main import run
 from dstackctl.replica_spec import home_label
 from dstackctl.runs import agent_pid
 from dstackctl.store import Store
@@ -30,32 +28,6 @@ pytestmark = pytest.mark.docker
 HTTPD = "httpd -f -p 8000 -h /www"
 HTTP_TIMEOUT = 5.0
 WAIT = 30.0  # generous upper bound for anything the agent does on a 2-core machine
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Result:
-    """Run dstackctl in-process and return its exit code and what it printed."""
-    capsys.readouterr()  # drop what earlier steps printed
-    code = run([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return Result(code, captured.out, captured.err)
-
-
-def ps_run(capsys: pytest.CaptureFixture[str], name: str) -> dict[str, Any]:
-    """The run `name` as `ps --json NAME` shows it."""
-    result = cli(capsys, "ps", "--json", name)
-    assert result.code == 0, result.err
-    document = json.loads(result.out)
-    assert document["version"] == 1
-    [found] = document["runs"]
-    assert found["name"] == name
-    return dict(found)
 
 
 def labelled(docker_client: Any, home: Path, name: str) -> list[Any]:
