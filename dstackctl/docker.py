@@ -189,6 +189,8 @@ class _Guarded:
         def call(*args: Any, **kwargs: Any) -> Any:
             try:
                 return attribute(*args, **kwargs)
+            except docker.errors.DockerException:
+                raise  # APIError is also a requests HTTPError: the caller handles it
             except requests.exceptions.RequestException as exc:
                 raise _engine_error(exc) from None
 
