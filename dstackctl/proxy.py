@@ -256,16 +256,15 @@ class Endpoint:
                     response.headers.add(name, value)
             if upstream.headers.get("Content-Length") is None:
                 response.enable_chunked_encoding()
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     await response.write(chunk)
+                await response.write_eof()
             except (client_exceptions.ClientError, ConnectionResetError):
-                # The replica went away mid-body; the client sees a truncated response.
+                # The replica or the client went away mid-response: nothing left to deliver.
                 if request.transport is not None:
                     request.transport.close()
-                return response
-            await response.write_eof()
             return response
 
 
