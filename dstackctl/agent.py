@@ -29,6 +29,7 @@ from dstackctl.gpus import Gpu, choose, discover, shortage_message
 from dstackctl.probes import FAILURES_TO_LEAVE, ProbeRunner, resolve_probes
 from dstackctl.replica_spec import build_replica_spec, home_label, image_of
 from dstackctl.rollout import Observed, Plan, Target, plan
+from dstackctl.runs import describe_probes
 from dstackctl.store import SECRETS, SPEC, SPEC_RECORD_KEYS, STATE, Store, StoreError
 from dstackctl.timeutil import utc_now
 
@@ -584,7 +585,11 @@ class ServiceAgent:
             since = self.memory.waiting_since.setdefault(key, now)
             if now - since > timeout:
                 row = next((r for r in self._rows() if r.get("container_id") == key), None)
-                detail = f": {_probe_detail(row)}" if row else ""
+                detail = (
+                    f": {describe_probes(row, 'probe ') or row.get('message') or row['status']}"
+                    if row
+                    else ""
+                )
                 which = f"replica={row['replica_num']}" if row else "a new replica"
                 return f"{which} (deployment {target.number}) was not ready within {timeout}s{detail}"
         return None
@@ -798,16 +803,6 @@ def _empty_row(num: int, deployment_num: int, config_hash: str) -> dict[str, Any
         "submitted_at": None,
         "gpus": [],
     }
-
-
-def _probe_detail(row: dict[str, Any]) -> str:
-    parts = []
-    for probe in row.get("probes") or []:
-        text = f"probe {probe['url']} {probe['success_streak']}/{probe['ready_after']}"
-        if probe.get("last_error"):
-            text += f" ({probe['last_error']})"
-        parts.append(text)
-    return ", ".join(parts) or (row.get("message") or row["status"])
 
 
 def _run_status(rows: list[dict[str, Any]]) -> str:

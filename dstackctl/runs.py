@@ -110,6 +110,21 @@ def all_views(store: Store, include_stopped: bool, problems: list[str] | None = 
     return views
 
 
+def describe_probes(replica: dict[str, Any], label: str = "") -> str:
+    """`/health 1/2 ok` or `/health 0/2 (HTTP 503)` for each probe, comma-separated."""
+    parts = []
+    for probe in replica.get("probes") or []:
+        text = f"{label}{probe['url']} {probe['success_streak']}/{probe['ready_after']}"
+        if probe.get("last_error"):
+            text += f" ({probe['last_error']})"
+        elif probe.get("last_checked_at"):
+            text += " ok"
+        else:
+            text += " (not probed yet)"
+        parts.append(text)
+    return ", ".join(parts)
+
+
 # --- the agent process -----------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from dstackctl.config.loader import LoadedConfig
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine
 from dstackctl.errors import DstackctlError, ExitCode, UsageError
 from dstackctl.replica_spec import config_hash, home_label
-from dstackctl.runs import RunView, start_agent, stop_agent, view
+from dstackctl.runs import RunView, describe_probes, start_agent, stop_agent, view
 from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
 from dstackctl.timeutil import utc_now
 
@@ -400,21 +400,6 @@ def _failure_message(name: str, failed: list[dict[str, Any]]) -> str:
             text += "; last log lines:\n    " + "\n    ".join(tail)
         parts.append(text)
     return f"{name}: " + "\n".join(parts)
-
-
-def describe_probes(replica: dict[str, Any]) -> str:
-    """`/health 1/2 ok` or `/health 0/2 (HTTP 503)` for each probe, comma-separated."""
-    parts = []
-    for probe in replica.get("probes") or []:
-        text = f"{probe['url']} {probe['success_streak']}/{probe['ready_after']}"
-        if probe.get("last_error"):
-            text += f" ({probe['last_error']})"
-        elif probe.get("last_checked_at"):
-            text += " ok"
-        else:
-            text += " (not probed yet)"
-        parts.append(text)
-    return ", ".join(parts)
 
 
 def describe_replica(replica: dict[str, Any]) -> str:
