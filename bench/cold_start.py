@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _report import command_table
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_MS = 120.0
 BASELINE = "python -c pass"
@@ -117,31 +119,9 @@ def summarise(commands: list[Command], runs: int, notes: list[str]) -> dict[str,
 
 
 def render_table(summary: dict[str, object]) -> str:
-    header = ("command", "median ms", "p90 ms", "over python ms", "exit", "target")
-    lines: list[tuple[str, ...]] = [header]
     rows = summary["results"]
     assert isinstance(rows, list)
-    for row in rows:
-        over = row["over_python_ms"]
-        verdict = "" if row["passed"] is None else ("PASS" if row["passed"] else "FAIL")
-        lines.append(
-            (
-                row["command"],
-                f"{row['median_ms']:.1f}",
-                f"{row['p90_ms']:.1f}",
-                "" if over is None else f"{over:+.1f}",
-                ",".join(str(code) for code in row["exit_codes"]),
-                verdict,
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for line in lines:
-        cells = [
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        out.append("  ".join(cells).rstrip())
+    out = command_table(rows)
     out.append(
         f"target: median within {TARGET_MS:.0f} ms of bare Python; {summary['runs']} runs each, interleaved"
     )

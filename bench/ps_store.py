@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from _report import command_table, load_average
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -305,14 +307,6 @@ def warnings_in_process_ms(messages: list[str]) -> float | None:
     return best * 1000
 
 
-def load_average() -> str:
-    try:
-        one, five, _ = Path("/proc/loadavg").read_text().split()[:3]
-    except (OSError, ValueError):
-        return "unknown"
-    return f"{one} (1 min), {five} (5 min) on {os.cpu_count()} CPUs"
-
-
 def docker_container_count() -> int | None:
     docker = shutil.which("docker")
     if not docker:
@@ -373,31 +367,9 @@ def summarise(
 
 
 def render_table(summary: dict[str, object]) -> str:
-    header = ("command", "median ms", "p90 ms", "over python ms", "exit", "target")
-    lines: list[tuple[str, ...]] = [header]
     rows = summary["results"]
     assert isinstance(rows, list)
-    for row in rows:
-        over = row["over_python_ms"]
-        verdict = "" if row["passed"] is None else ("PASS" if row["passed"] else "FAIL")
-        lines.append(
-            (
-                row["command"],
-                f"{row['median_ms']:.1f}",
-                f"{row['p90_ms']:.1f}",
-                "" if over is None else f"{over:+.1f}",
-                ",".join(str(code) for code in row["exit_codes"]),
-                verdict,
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for line in lines:
-        cells = [
-            cell.ljust(width) if i == 0 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
-        ]
-        out.append("  ".join(cells).rstrip())
+    out = command_table(rows)
     store = summary["store"]
     assert isinstance(store, dict)
     out.append(

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from _report import load_average
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "dstackctl-testsrv:latest"
 COMMAND = ["httpd", "-f", "-p", "8000", "-h", "/www"]
@@ -278,14 +280,6 @@ def run_rounds(runs: int, warmup: int, replicas: int, root: Path, token: str) ->
             file=sys.stderr,
         )
     return rounds
-
-
-def load_average() -> str:
-    try:
-        one, five, _ = Path("/proc/loadavg").read_text().split()[:3]
-    except (OSError, ValueError):
-        return "unknown"
-    return f"{one} (1 min), {five} (5 min) on {os.cpu_count()} CPUs"
 
 
 def _fmt(value: float | None) -> str:
