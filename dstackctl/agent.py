@@ -27,7 +27,7 @@ from dstackctl.config.models import ProbeConfig, ServiceConfiguration
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine, DockerError, Replica
 from dstackctl.gpus import Gpu, choose, discover, shortage_message
 from dstackctl.probes import FAILURES_TO_LEAVE, ProbeRunner, resolve_probes
-from dstackctl.replica_spec import build_replica_spec, home_label, image_of
+from dstackctl.replica_spec import build_replica_spec, home_label, image_of, stop_grace_seconds
 from dstackctl.rollout import Observed, Plan, Target, plan
 from dstackctl.runs import describe_probes
 from dstackctl.store import SECRETS, SPEC, SPEC_RECORD_KEYS, STATE, Store, StoreError
@@ -415,7 +415,7 @@ class ServiceAgent:
                 if not self.endpoint.drain(key, DRAIN_SECONDS):
                     log.warning("%s still had requests after %ss; stopping it anyway", name, DRAIN_SECONDS)
             log.info("stopping container %s", name)
-            engine.stop_and_remove(key, grace if isinstance(grace, int) else 10)
+            engine.stop_and_remove(key, stop_grace_seconds(grace))
             self.memory.draining.discard(key)
             if self.runner is not None:
                 self.runner.forget(key)

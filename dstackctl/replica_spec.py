@@ -31,6 +31,21 @@ DEFAULT_STOP_GRACE_SECONDS = 10
 _GB = 1024**3
 
 
+def stop_grace_seconds(stop_duration: object) -> int:
+    """SIGTERM-to-SIGKILL grace from `stop_duration` as validated (seconds, "off", None) or as
+    stored in spec.json (`"30s"`); the default when unset, "off" or unreadable."""
+    if isinstance(stop_duration, int) and not isinstance(stop_duration, bool):
+        return stop_duration
+    if isinstance(stop_duration, str) and stop_duration != "off":
+        from dstackctl.config.units import parse_duration
+
+        try:
+            return parse_duration(stop_duration)
+        except ValueError:
+            pass
+    return DEFAULT_STOP_GRACE_SECONDS
+
+
 def config_hash(config_data: Mapping[str, Any], env_values: Mapping[str, str]) -> str:
     """Identifies a configuration together with the env values it runs with."""
     canonical = json.dumps({"config": config_data, "env": env_values}, sort_keys=True, default=str)
@@ -160,7 +175,7 @@ def build_replica_spec(
         labels[LABEL_GPUS] = ",".join(gpu_device_ids)
     memory = config.resources.memory
     cpu = config.resources.cpu
-    grace = config.stop_duration if isinstance(config.stop_duration, int) else DEFAULT_STOP_GRACE_SECONDS
+    grace = stop_grace_seconds(config.stop_duration)
     return ReplicaSpec(
         name=f"dstackctl-{run_name}-{replica_num}-{container_suffix}",
         image=image_of(config),

@@ -14,7 +14,7 @@ from typing import Any
 from dstackctl.config.loader import LoadedConfig
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine
 from dstackctl.errors import DstackctlError, ExitCode, UsageError
-from dstackctl.replica_spec import config_hash, home_label
+from dstackctl.replica_spec import config_hash, home_label, stop_grace_seconds
 from dstackctl.runs import RunView, describe_probes, start_agent, stop_agent, view
 from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
 from dstackctl.timeutil import utc_now
@@ -439,7 +439,7 @@ def stop_service(store: Store, name: str, engine: DockerEngine) -> int:
     stop_agent(store, name)
     spec = store.read(name, SPEC) or {}
     grace = (spec.get("config") or {}).get("stop_duration")
-    grace_seconds = _duration_seconds(grace)
+    grace_seconds = stop_grace_seconds(grace)
     containers = engine.list_replicas({LABEL_RUN: name, LABEL_HOME: home_label(store.home)})
     if containers:
         with ThreadPoolExecutor(max_workers=min(8, len(containers))) as pool:
@@ -454,17 +454,6 @@ def stop_service(store: Store, name: str, engine: DockerEngine) -> int:
 
     store.update(name, STATE, terminated)
     return len(containers)
-
-
-def _duration_seconds(value: Any) -> int:
-    if value in (None, "off"):
-        return 10
-    from dstackctl.config.units import parse_duration
-
-    try:
-        return parse_duration(value)
-    except ValueError:
-        return 10
 
 
 # --- rebuilding a lost record ----------------------------------------------------------------

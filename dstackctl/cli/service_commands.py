@@ -14,6 +14,7 @@ from dstackctl.errors import DstackctlError, ExitCode, UsageError
 
 if TYPE_CHECKING:
     from dstackctl.runs import RunView
+    from dstackctl.services import Outcome
 
 DEFAULT_TIMEOUT = "10m"
 
@@ -123,9 +124,7 @@ def run(
             err=True,
         )
         return ExitCode.INTERRUPTED
-    if outcome.exit_code != ExitCode.OK:
-        raise DstackctlError(outcome.message, outcome.exit_code)
-    typer.echo(outcome.message + _urls(outcome.view))
+    _report(outcome)
     if detach or submitted.outcome != "started":
         return ExitCode.OK
     assert engine is not None
@@ -155,9 +154,7 @@ def _wait_rollout(store: Any, service: str, seconds: int, deployment_num: int) -
             err=True,
         )
         return ExitCode.INTERRUPTED
-    if outcome.exit_code != ExitCode.OK:
-        raise DstackctlError(outcome.message, outcome.exit_code)
-    typer.echo(outcome.message + _urls(outcome.view))
+    _report(outcome)
     return ExitCode.OK
 
 
@@ -230,10 +227,15 @@ def _wait_scaled(store: Any, service: str, seconds: int) -> int:
     from dstackctl.services import wait_ready
 
     outcome = wait_ready(store, service, seconds, _Progress().show)
+    _report(outcome)
+    return ExitCode.OK
+
+
+def _report(outcome: Outcome) -> None:
+    """Print a successful wait's outcome with the URLs; raise a failed one (its exit code)."""
     if outcome.exit_code != ExitCode.OK:
         raise DstackctlError(outcome.message, outcome.exit_code)
     typer.echo(outcome.message + _urls(outcome.view))
-    return ExitCode.OK
 
 
 def _urls(view: RunView | None) -> str:
