@@ -128,14 +128,35 @@ def describe_probes(replica: dict[str, Any], label: str = "") -> str:
 # --- the agent process -----------------------------------------------------------------
 
 
-def start_agent(store: Store, name: str) -> int:
+# The console script forks the agent from the CLI, which has already imported pydantic, the
+# config models and docker-py: that saves a new interpreter and ~0.3 s of imports on every
+# `run`. Library callers (tests, programs that embed dstackctl) keep the default, a fresh
+# interpreter: forking a process that may hold other threads' locks is not safe.
+_fork_agents = False
+
+
+def fork_agents() -> None:
+    """Let `start_agent` fork instead of spawning; only for a single-threaded CLI process."""
+    global _fork_agents
+    _fork_agents = True
+
+
+def start_agent(store: Store, name: str) -> None:
     """Start the service's agent detached (own session); its output goes to agent.log."""
+    import threading
+
+    if _fork_agents and threading.active_count() == 1:
+        _fork_agent(store, name)
+    else:
+        _spawn_agent(store, name)
+
+
+def _spawn_agent(store: Store, name: str) -> None:
     import subprocess  # here, not at the top: `ps` imports this module and must start fast
 
-    log_path = store.log_path(name)
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    fd = _open_log(store, name)
     try:
-        process = subprocess.Popen(
+        subprocess.Popen(
             [sys.executable, "-m", "dstackctl.agent", name, "--home", str(store.home)],
             stdin=subprocess.DEVNULL,
             stdout=fd,
@@ -146,23 +167,57 @@ def start_agent(store: Store, name: str) -> int:
         )
     finally:
         os.close(fd)
-    return process.pid
+
+
+def _fork_agent(store: Store, name: str) -> None:
+    """Double fork: the agent is reparented to init at once, so it never lingers as a zombie
+    of a CLI that stays attached."""
+    fd = _open_log(store, name)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    child = os.fork()
+    if child:
+        os.close(fd)
+        os.waitpid(child, 0)
+        return
+    code = 1
+    try:
+        os.setsid()
+        code = 0 if os.fork() else _become_agent(store, name, fd)
+    except BaseException:  # nothing may return into the CLI's code from here
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _become_agent(store: Store, name: str, log_fd: int) -> int:
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.closerange(3, _max_fd())  # the CLI's Docker connection and lock files are not ours
+    from dstackctl.agent import main as agent_main
+
+    return agent_main([name, "--home", str(store.home)])
+
+
+def _max_fd() -> int:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return 65536 if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _open_log(store: Store, name: str) -> int:
+    return os.open(store.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
 def agent_pid(store: Store, name: str) -> int | None:
-    """The live agent's pid, checked against its command line so a reused pid is not hit."""
-    state = store.read(name, STATE) or {}
-    pid = (state.get("agent") or {}).get("pid")
-    if not isinstance(pid, int):
-        return None
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            argv = handle.read().split(b"\0")
-    except OSError:
-        return None
-    if b"dstackctl.agent" in argv and name.encode() in argv and str(store.home).encode() in argv:
-        return pid
-    return None
+    """The live agent's pid, as its lock file records it."""
+    return store.agent_holder(name)
 
 
 def stop_agent(store: Store, name: str, timeout: float = 5.0) -> None:

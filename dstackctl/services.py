@@ -295,7 +295,7 @@ def wait_ready(
     name: str,
     timeout: float,
     on_change: Callable[[RunView], None] = lambda _: None,
-    poll: float = 0.05,
+    poll: float = 0.02,
 ) -> Outcome:
     """Wait until every replica is running and ready, one fails, the agent dies, or time runs out."""
     deadline = time.monotonic() + timeout

@@ -59,6 +59,17 @@ def _private_dir(path: Path) -> Path:
     return path
 
 
+def _process_start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may contain spaces: split after it.
+    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+
+
 class Store:
     def __init__(self, home: Path | None = None) -> None:
         self.home = (home or default_home()).absolute()
@@ -114,9 +125,24 @@ class Store:
             else:
                 yield False
                 return
+            # Who holds it, for `stop`: the pid and its start time, which a reused pid lacks.
+            identity = f"{os.getpid()} {_process_start_ticks(os.getpid())}\n".encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, identity, 0)
             yield True
         finally:
             os.close(fd)
+
+    def agent_holder(self, name: str) -> int | None:
+        """The pid of the process that holds the service's agent lock, None when none does."""
+        if not self.agent_alive(name):
+            return None
+        try:
+            pid_text, ticks = (self.service_dir(name) / "agent.lock").read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None  # an agent that has just taken the lock and not yet written its pid
+        return pid if str(_process_start_ticks(pid)) == ticks else None
 
     def agent_alive(self, name: str) -> bool:
         """True while some process holds the service's agent lock (immune to pid reuse)."""

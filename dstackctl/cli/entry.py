@@ -14,5 +14,7 @@ def main() -> None:
         if code is not None:
             sys.exit(code)
     from dstackctl.cli.main import main as typer_main
+    from dstackctl.runs import fork_agents
 
+    fork_agents()  # this process is the CLI alone: no other threads, no embedding program
     typer_main(args)

@@ -329,3 +329,31 @@ def test_ps_exits_0_when_an_agent_is_dead_and_says_so(
     assert "the agent of orphan is not running" in as_json.stderr
     [shown] = json.loads(as_json.stdout)["runs"]
     assert shown["agent_alive"] is False
+
+
+@pytest.mark.docker
+def test_the_console_script_forks_a_detached_agent_that_keeps_none_of_the_clis_files(
+    dstack_home: Path, tmp_path: Path, test_image: str
+) -> None:
+    path = write_service(tmp_path, "forked", test_image, [HTTPD])
+    # capture_output: had the agent kept the CLI's stdout or stderr pipe, this would hang.
+    assert dstackctl("run", "-d", "--timeout", "60s", path).returncode == 0
+    store = Store(dstack_home)
+    pid = agent_pid(store, "forked")
+    assert pid is not None
+
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    state, _ppid, _pgrp, session = stat[stat.rindex(")") + 2 :].split()[:4]
+    assert state != "Z"
+    # A session of its own, whose leader (the first fork) has exited: the terminal's Ctrl-C
+    # does not reach the agent, and it can never take a controlling terminal.
+    assert int(session) != os.getsid(0)
+    assert not Path(f"/proc/{session}").exists()
+    log = str(store.log_path("forked"))
+    assert os.readlink(f"/proc/{pid}/fd/1") == log
+    assert os.readlink(f"/proc/{pid}/fd/2") == log
+    assert os.readlink(f"/proc/{pid}/fd/0") == os.devnull
+    assert f"agent for forked started (pid {pid})" in Path(log).read_text()
+
+    assert dstackctl("stop", "forked").returncode == 0
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=15, what="the agent to exit")
