@@ -58,10 +58,4 @@ def fast_ps(args: list[str]) -> int | None:
         return None
     if unknown or (parsed.name or "").startswith("-"):
         return None
-    try:
-        return show_runs(parsed.name, parsed.all, parsed.verbose, parsed.wide, parsed.json)
-    except DstackctlError as exc:
-        _err(f"error: {exc.message}")
-        return int(exc.exit_code)
-    except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
+    return show_runs(parsed.name, parsed.all, parsed.verbose, parsed.wide, parsed.json)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import os
 import types
 import typing
@@ -364,6 +363,8 @@ def _unknown_key(loc: Loc) -> str:
     key = loc[-1]
     model = _model_at(loc[:-1])
     allowed = sorted(model.model_fields) if model else []
+    import difflib  # here: only a misspelt key needs it (~6 ms to import)
+
     close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
     if close:
         return f"unknown key {str(key)!r}; did you mean {close[0]!r}?"

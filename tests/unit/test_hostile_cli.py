@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_config_fuzz import documents, dump, load, mutated_sample, plausible_services, services
 
+from dstackctl.cli.entry import run_fast_path
 from dstackctl.cli.main import run
-from dstackctl.cli.ps_view import fast_ps
 
 NO_DOCKER = "unix:///nonexistent-dstackctl-test.sock"
 VALID = """\
@@ -202,7 +202,7 @@ def fast_path(args: list[str]) -> tuple[int, str, str]:
     declines (dstackctl/cli/entry.py)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = fast_ps(args)
+        code = run_fast_path(["ps", *args])
     if code is None:
         return cli(["ps", *args])
     return code, out.getvalue(), err.getvalue()
@@ -231,6 +231,33 @@ def test_random_ps_command_lines_on_the_entry_points_fast_path(private: Path, ar
     if code:
         assert ERROR_LINE.search(err), shown
     assert not private.exists(), f"{shown}\nthe command wrote to the store"
+
+
+def fast_path_of(argv: list[str]) -> tuple[int, str, str] | None:
+    """`argv` on the installed entry point's fast path, or None when it hands over to typer."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_fast_path(argv)
+    return None if code is None else (code, out.getvalue(), err.getvalue())
+
+
+validate_tails = st.lists(
+    st.sampled_from([*FILES, "--check-env", "--", "-", "--bogus", "-h", "--help"]), min_size=0, max_size=4
+)
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(validate_tails)
+def test_validate_on_the_fast_path_answers_exactly_as_the_typer_app(private: Path, args: list[str]) -> None:
+    fast = fast_path_of(["validate", *args])
+    if fast is None:  # help, usage errors and the like are typer's
+        assert not [a for a in args if a != "--check-env"] or any(a.startswith("-") for a in args)
+        return
+    assert fast == cli(["validate", *args]), f"validate {args!r}"
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from helpers import wait_until
 
+from dstackctl.cli.entry import run_fast_path
 from dstackctl.cli.main import run
-from dstackctl.cli.ps_view import fast_ps
 from dstackctl.store import SPEC, STATE, Store
 
 NAME = "svc"
@@ -305,7 +305,7 @@ def test_a_broken_store_file_gives_one_sentence(home: Path, kind: str, case: str
     for args in ([NAME], ["-v", "--json", NAME]):  # the entry point's fast path of `ps`
         out_buffer, err_buffer = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out_buffer), contextlib.redirect_stderr(err_buffer):
-            code = fast_ps(args)
+            code = run_fast_path(["ps", *args])
         assert (code, out_buffer.getvalue()) == (1, ""), f"ps {args}"
         assert_one_sentence(err_buffer.getvalue(), path, fragment)
     if kind == SPEC:  # redeploy reads the spec first, and needs no Docker for that
