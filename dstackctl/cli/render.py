@@ -60,7 +60,12 @@ def _clip(text: str | None, wide: bool) -> str:
 
 
 def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
+    import tabulate as tabulate_module
     from tabulate import tabulate
+
+    # Keeps dstack's indented replica rows. tabulate 0.9 has this module flag only (pinned:
+    # see pyproject.toml); nothing else in dstackctl renders with tabulate.
+    tabulate_module.PRESERVE_WHITESPACE = True
 
     headers = ["NAME", "BACKEND", "STATUS", "PROBES", "SUBMITTED", "URL"]
     with_gpus = verbose and any(r.get("gpus") for run in views for r in run.replicas)
@@ -109,5 +114,4 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
             rows.append(line)
     if not rows:
         return "No services. Start one with `dstackctl run -f FILE`."
-    # preserve_whitespace keeps dstack's indented replica rows
-    return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True, preserve_whitespace=True)
+    return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)

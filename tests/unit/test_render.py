@@ -1,0 +1,54 @@
+"""dstack's `ps` layout as rendered by tabulate: run rows, indented replica rows, probe symbols."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dstackctl.cli.render import runs_table
+from dstackctl.runs import RunView
+
+
+def _view(replicas: list[dict[str, Any]]) -> RunView:
+    return RunView(
+        name="llama31",
+        status="running",
+        deployment_num=2,
+        submitted_at=None,
+        url="http://127.0.0.1:8000",
+        replicas=replicas,
+        desired="running",
+        agent_alive=True,
+    )
+
+
+def _replica(num: int, symbols: list[str]) -> dict[str, Any]:
+    return {
+        "replica_num": num,
+        "deployment_num": 2,
+        "status": "running",
+        "url": f"http://127.0.0.1:3300{num}",
+        "probes": [{"url": "/health", "symbol": s} for s in symbols],
+    }
+
+
+def test_verbose_rows_keep_the_replicas_indented_under_their_run() -> None:
+    lines = runs_table([_view([_replica(0, ["✓"]), _replica(1, ["~", "×"])])], verbose=True, wide=False)
+    header, run_row, first, second = lines.splitlines()
+
+    assert header.split() == ["NAME", "BACKEND", "STATUS", "PROBES", "SUBMITTED", "URL", "MESSAGE"]
+    assert run_row.startswith("llama31 deployment=2 ")
+    assert first.startswith("  replica=0 job=0 deployment=2  local")
+    assert second.startswith("  replica=1 job=0 deployment=2  local")
+    assert "✓" in first.split()
+    assert "~×" in second.split()
+
+
+def test_the_plain_listing_has_one_row_per_run() -> None:
+    lines = runs_table([_view([_replica(0, ["✓"])])], verbose=False, wide=False).splitlines()
+
+    assert len(lines) == 2
+    assert lines[1].split()[:3] == ["llama31", "local", "running"]
+
+
+def test_no_runs_says_how_to_start_one() -> None:
+    assert runs_table([], verbose=True, wide=False) == "No services. Start one with `dstackctl run -f FILE`."
