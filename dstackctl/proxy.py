@@ -3,9 +3,10 @@
 It runs an asyncio loop (uvloop when available) in a thread of the agent. The agent sets the
 routing table (`set_upstreams`) whenever readiness changes and drains a replica
 (`drain`) before stopping it. Bodies stream both ways without buffering, so token streams and
-server-sent events reach the client chunk by chunk. A request whose connection to a replica
-could not be made is retried on another replica; with no ready replica the answer is 503 with
-a short JSON reason.
+server-sent events reach the client chunk by chunk. Requests go to the replicas over kept-alive
+connections (upstream_pool.py); one that could not be made is retried on another replica,
+and a request that met a pooled connection the replica had just closed is sent again on a new
+one. With no ready replica the answer is 503 with a short JSON reason.
 """
 
 from __future__ import annotations
@@ -20,35 +21,82 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import ClientSession, ClientTimeout, TCPConnector, client_exceptions, web, web_server
+from aiohttp import client_exceptions, http_exceptions, web, web_server
+from aiohttp.http import RawResponseMessage
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDictProxy
 
 from dstackctl.errors import DstackctlError
+from dstackctl.forwarding import CONTINUE, OutgoingRequest, response_headers
+from dstackctl.upstream_pool import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("dstackctl.proxy")
 
-# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-    }
-)
-UPSTREAM_HOST = "127.0.0.1"
 # Right after the endpoint starts (a new or restarted agent) the first probe results are
 # still on their way: requests wait this long for a ready replica before a 503.
 STARTUP_GRACE_SECONDS = 5.0
+# An answer with a Content-Length up to this is read whole before it is passed on, so that
+# head and body reach the client in one write; longer ones, and streams, are relayed as they come.
+SMALL_BODY_BYTES = 64 * 1024
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+# What reading an answer raises when the replica's connection broke or the answer was garbled.
+_UPSTREAM_ERRORS = (client_exceptions.ClientError, http_exceptions.HttpProcessingError, OSError)
 
 
 class EndpointError(DstackctlError):
     pass
+
+
+class _Unreachable(Exception):
+    """No connection could be made to the replica: nothing was sent."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.out_of_fds = isinstance(error, OSError) and error.errno in _OUT_OF_FDS
+
+
+class _ClosedUnanswered(Exception):
+    """The replica closed the connection (or reset it) before any byte of an answer."""
+
+
+class _BadGateway(Exception):
+    """The replica's answer was broken; the message says how."""
+
+
+class _Exchange:
+    """A request sent to a replica on `connection`, whose answer head has arrived."""
+
+    __slots__ = ("connection", "message", "payload", "upload")
+
+    def __init__(
+        self,
+        connection: UpstreamConnection,
+        upload: asyncio.Task[None] | None,
+        answer: tuple[RawResponseMessage, StreamReader],
+    ) -> None:
+        self.connection = connection
+        self.upload = upload  # the rest of a streamed request body, still being sent
+        self.message, self.payload = answer
+
+    @property
+    def request_sent(self) -> bool:
+        upload = self.upload
+        return upload is None or (upload.done() and not upload.cancelled() and upload.exception() is None)
+
+    def end(self, pool: UpstreamPool) -> None:
+        """Give the connection back: pooled when request and answer both went through whole."""
+        reusable = self.request_sent and self.payload.is_eof()
+        if self.upload is not None:
+            self.upload.cancel()
+        pool.release(self.connection, reusable)
+
+
+async def _stopped(upload: asyncio.Task[None] | None) -> None:
+    """Cancel `upload` and wait until it ended, so the body can be read again from the start."""
+    if upload is None:
+        return
+    upload.cancel()
+    await asyncio.wait({upload})
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -73,7 +121,7 @@ class Endpoint:
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
         self._runner: web.ServerRunner | None = None
-        self._session: ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._grace_until = 0.0
         self._changed: asyncio.Event | None = None
 
@@ -141,12 +189,7 @@ class Endpoint:
         self._loop.close()
 
     async def _startup(self) -> None:
-        self._session = ClientSession(
-            connector=TCPConnector(limit=0, ttl_dns_cache=None, force_close=False),
-            timeout=ClientTimeout(total=None, sock_connect=5),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        )
+        self._pool = UpstreamPool(self._loop)
         server = web_server.Server(self._handle, access_log=None)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
@@ -158,17 +201,22 @@ class Endpoint:
     async def _shutdown(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def _set_upstreams(self, table: list[tuple[str, int]]) -> None:
-        self._upstreams = table
+        self._route(table)
         if table and self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
 
+    def _route(self, table: list[tuple[str, int]]) -> None:
+        self._upstreams = table
+        if self._pool is not None:
+            self._pool.route_to([port for _, port in table])
+
     async def _drain(self, key: str, timeout: float) -> bool:
-        self._upstreams = [u for u in self._upstreams if u[0] != key]
+        self._route([u for u in self._upstreams if u[0] != key])
         if not self._inflight.get(key):
             return True
         idle = self._idle.setdefault(key, asyncio.Event())
@@ -190,7 +238,7 @@ class Endpoint:
         return True
 
     def _pick(self, tried: set[str]) -> tuple[str, int] | None:
-        candidates = [u for u in self._upstreams if u[0] not in tried]
+        candidates = [u for u in self._upstreams if u[0] not in tried] if tried else self._upstreams
         if not candidates:
             return None
         return candidates[next(self._rotation) % len(candidates)]
@@ -204,12 +252,9 @@ class Endpoint:
                 event.set()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
-        peer = request.remote or ""
-        forwarded = request.headers.get("X-Forwarded-For")
-        headers["X-Forwarded-For"] = f"{forwarded}, {peer}" if forwarded else peer
-        has_body = request.body_exists
+        outgoing = OutgoingRequest(request)
+        if outgoing.expects_continue and request.transport is not None:
+            request.transport.write(CONTINUE)  # the body is read (and streamed on) here
         tried: set[str] = set()
         while True:
             upstream = self._pick(tried)
@@ -220,52 +265,100 @@ class Endpoint:
             key, port = upstream
             self._inflight[key] = self._inflight.get(key, 0) + 1
             try:
-                try:
-                    upstream_response = await self._session.request(
-                        request.method,
-                        f"http://{UPSTREAM_HOST}:{port}{request.raw_path}",
-                        headers=headers,
-                        data=request.content if has_body else None,
-                        allow_redirects=False,
-                        compress=False,
-                    )
-                except client_exceptions.ClientConnectorError as exc:
-                    if exc.os_error.errno in (errno.EMFILE, errno.ENFILE):
-                        log.error("endpoint %s is out of file descriptors", self.service)
-                        return _json_response(503, {"error": "the endpoint is out of file descriptors"})
-                    tried.add(key)  # nothing was sent: safe to try another replica
-                    continue
-                except (client_exceptions.ServerDisconnectedError, client_exceptions.ClientOSError):
-                    # The replica went away before answering (a crash, a reset). Without a
-                    # body nothing is lost by asking another replica; a streamed body is gone.
-                    if has_body:
-                        return _bad_gateway("the replica closed the connection")
-                    tried.add(key)
-                    continue
-                except client_exceptions.ClientError as exc:
-                    return _bad_gateway(f"{type(exc).__name__}")
-                return await self._relay(request, upstream_response)
+                exchange = await self._send(outgoing, port)
+                return await self._relay(request, exchange)
+            except _Unreachable as exc:
+                if exc.out_of_fds:
+                    log.error("endpoint %s is out of file descriptors", self.service)
+                    return _json_response(503, {"error": "the endpoint is out of file descriptors"})
+                tried.add(key)  # nothing was sent: safe to try another replica
+            except _ClosedUnanswered:
+                # The replica went away before answering (a crash, a reset). Without a body
+                # nothing is lost by asking another replica; a streamed body is gone.
+                if outgoing.has_body:
+                    return _bad_gateway("the replica closed the connection")
+                tried.add(key)
+            except _BadGateway as exc:
+                return _bad_gateway(str(exc))
             finally:
                 self._release(key)
 
-    async def _relay(self, request: web.BaseRequest, upstream: Any) -> web.StreamResponse:
-        async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in upstream.headers.items():
-                if name.lower() not in HOP_BY_HOP:
-                    response.headers.add(name, value)
-            if upstream.headers.get("Content-Length") is None:
-                response.enable_chunked_encoding()
+    async def _send(self, outgoing: OutgoingRequest, port: int) -> _Exchange:
+        """Send `outgoing` to the replica at `port` and wait for the head of its answer."""
+        assert self._pool is not None
+        connection = await self._connect(port, fresh=False)
+        try:
+            return await self._exchange(connection, outgoing)
+        except _ClosedUnanswered:
+            if not (connection.reused and outgoing.replayable):
+                raise
+        # The replica closed that idle connection as it was being reused (its keep-alive
+        # timeout, a restart): the request never reached it, so send it again on a new one.
+        return await self._exchange(await self._connect(port, fresh=True), outgoing)
+
+    async def _connect(self, port: int, fresh: bool) -> UpstreamConnection:
+        assert self._pool is not None
+        try:
+            return await self._pool.connect(port, fresh)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise _Unreachable(exc) from exc
+
+    async def _exchange(self, connection: UpstreamConnection, outgoing: OutgoingRequest) -> _Exchange:
+        connection.expect_response(outgoing.head_only)
+        upload: asyncio.Task[None] | None = None
+        try:
+            upload = outgoing.send(connection)
+            answer = await connection.read_response()
+        except _UPSTREAM_ERRORS as exc:
+            connection.close()
+            await _stopped(upload)
+            if connection.responded:
+                raise _BadGateway(f"the replica sent a broken answer ({type(exc).__name__})") from exc
+            raise _ClosedUnanswered from exc
+        except BaseException:  # cancelled: the server is shutting down
+            connection.close()
+            if upload is not None:
+                upload.cancel()
+            raise
+        return _Exchange(connection, upload, answer)
+
+    async def _relay(self, request: web.BaseRequest, exchange: _Exchange) -> web.StreamResponse:
+        """Pass the replica's answer on to the client, streaming its body as it arrives."""
+        assert self._pool is not None
+        message, payload = exchange.message, exchange.payload
+        headers = response_headers(message.headers)
+        if _is_small(message.headers, payload):
+            # Head and body go out in one write; a stream, or a large body, goes on as it comes.
             try:
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-                await response.write_eof()
-            except (client_exceptions.ClientError, ConnectionResetError):
-                # The replica or the client went away mid-response: nothing left to deliver.
-                if request.transport is not None:
-                    request.transport.close()
-            return response
+                body = await payload.read()
+            except _UPSTREAM_ERRORS as exc:
+                exchange.end(self._pool)
+                return _bad_gateway(f"the replica sent a broken answer ({type(exc).__name__})")
+            exchange.end(self._pool)
+            return web.Response(
+                status=message.code, reason=message.reason, headers=headers, body=body or None
+            )
+        response = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
+        try:
+            await response.prepare(request)
+            while chunk := await payload.readany():
+                await response.write(chunk)
+            await response.write_eof()
+        except _UPSTREAM_ERRORS:
+            # The replica or the client went away mid-response: nothing left to deliver.
+            if request.transport is not None:
+                request.transport.close()
+        finally:
+            exchange.end(self._pool)
+        return response
+
+
+def _is_small(headers: CIMultiDictProxy[str], payload: StreamReader) -> bool:
+    """True when the whole body is here already, or has a length of at most SMALL_BODY_BYTES."""
+    if payload.is_eof():
+        return True
+    length = headers.get("Content-Length")
+    return length is not None and length.isdigit() and int(length) <= SMALL_BODY_BYTES
 
 
 def _json_response(status: int, payload: dict[str, Any]) -> web.Response:
