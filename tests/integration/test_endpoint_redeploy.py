@@ -60,14 +60,16 @@ class Answer:
 
 
 class Load:
-    """A client thread sending GET requests to `url` about `rate` times a second.
+    """A client thread sending GET requests to `url` about `rate` times a second; with a
+    `body`, POST requests to an echo URL, whose answer must carry the body back.
 
     It records every answer, or the exception, with the time the request was sent.
     """
 
-    def __init__(self, url: str, rate: float = 15.0) -> None:
+    def __init__(self, url: str, rate: float = 15.0, body: str | None = None) -> None:
         self.url = url
         self.gap = 1.0 / rate
+        self.body = body
         self.answers: list[Answer] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._send, name="load", daemon=True)
@@ -85,7 +87,10 @@ class Load:
             while not self._stop.is_set():
                 started = time.monotonic()
                 try:
-                    response = session.get(self.url, timeout=5)
+                    if self.body is None:
+                        response = session.get(self.url, timeout=5)
+                    else:
+                        response = session.post(self.url, data=self.body, timeout=5)
                     answer = Answer(started, response.status_code, response.text, None)
                 except requests.RequestException as exc:
                     answer = Answer(started, None, "", f"{type(exc).__name__}: {exc}")
@@ -96,7 +101,12 @@ class Load:
         return sum(1 for a in list(self.answers) if a.started >= moment)
 
     def failures(self) -> list[Answer]:
-        return [a for a in self.answers if a.status != 200 or a.error is not None]
+        echoed = None if self.body is None else f"POST\n{self.body}"
+        return [
+            a
+            for a in self.answers
+            if a.status != 200 or a.error is not None or (echoed is not None and a.body != echoed)
+        ]
 
 
 def test_redeploy_under_load_fails_no_request_and_ends_on_the_new_deployment(
@@ -110,7 +120,10 @@ def test_redeploy_under_load_fails_no_request_and_ends_on_the_new_deployment(
     before = ps_run(capsys, "rolling")
     old_ids = set(container_ids(before).values())
 
-    with Load(before["url"] + "/cgi-bin/whoami") as load:
+    with (
+        Load(before["url"] + "/cgi-bin/whoami") as load,
+        Load(before["url"] + "/cgi-bin/echo", rate=5, body="order=42&note=redeploy") as posts,
+    ):
         wait_until(lambda: load.count_since(0) >= 10, timeout=WAIT, what="10 answers before the redeploy")
         redeploy_started = time.monotonic()
         result = cli(capsys, "redeploy", "rolling", "-f", v2, "--timeout", "60s")
@@ -124,6 +137,8 @@ def test_redeploy_under_load_fails_no_request_and_ends_on_the_new_deployment(
     assert result.code == 0, result.err
     assert "rolling now runs deployment 1 (2 replicas)" in result.out
     assert load.failures() == [], f"{len(load.failures())} of {len(load.answers)} requests failed"
+    assert posts.failures() == [], f"{len(posts.failures())} of {len(posts.answers)} POSTs failed"
+    assert posts.count_since(redeploy_started) - posts.count_since(redeploy_done) >= 5
     during = [a.body for a in load.answers if redeploy_started <= a.started < redeploy_done]
     assert len(during) >= 20, f"only {len(during)} requests while the redeploy ran"
     assert {a.body for a in load.answers if a.started < redeploy_started} == {
