@@ -168,15 +168,13 @@ def forwarded_headers(
     return b"".join(lines)
 
 
-def response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The replica's response headers for the client: hop-by-hop ones removed."""
-    returned = CIMultiDict(headers)
+def drop_hop_by_hop(headers: CIMultiDict[str]) -> None:
+    """Remove the replica's hop-by-hop headers from the response headers for the client."""
     for name in HOP_BY_HOP | connection_options(headers):
-        returned.popall(name, None)
-    return returned
+        headers.popall(name, None)
 
 
-def connection_options(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def connection_options(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> frozenset[str]:
     """The header names the Connection headers list (`Connection: close, X-Foo` -> x-foo)."""
     if "Connection" not in headers:
         return frozenset()

@@ -27,7 +27,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
 from dstackctl.errors import DstackctlError
-from dstackctl.forwarding import CONTINUE, OutgoingRequest, response_headers
+from dstackctl.forwarding import CONTINUE, OutgoingRequest, drop_hop_by_hop
 from dstackctl.upstream_pool import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("dstackctl.proxy")
@@ -286,7 +286,7 @@ class Endpoint:
     async def _send(self, outgoing: OutgoingRequest, port: int) -> _Exchange:
         """Send `outgoing` to the replica at `port` and wait for the head of its answer."""
         assert self._pool is not None
-        connection = await self._connect(port, fresh=False)
+        connection = self._pool.take_idle(port) or await self._open(port)
         try:
             return await self._exchange(connection, outgoing)
         except _ClosedUnanswered:
@@ -294,12 +294,12 @@ class Endpoint:
                 raise
         # The replica closed that idle connection as it was being reused (its keep-alive
         # timeout, a restart): the request never reached it, so send it again on a new one.
-        return await self._exchange(await self._connect(port, fresh=True), outgoing)
+        return await self._exchange(await self._open(port), outgoing)
 
-    async def _connect(self, port: int, fresh: bool) -> UpstreamConnection:
+    async def _open(self, port: int) -> UpstreamConnection:
         assert self._pool is not None
         try:
-            return await self._pool.connect(port, fresh)
+            return await self._pool.open(port)
         except (OSError, asyncio.TimeoutError) as exc:
             raise _Unreachable(exc) from exc
 
@@ -313,7 +313,7 @@ class Endpoint:
             connection.close()
             await _stopped(upload)
             if connection.responded:
-                raise _BadGateway(f"the replica sent a broken answer ({type(exc).__name__})") from exc
+                raise _BadGateway(_broken_answer(exc)) from exc
             raise _ClosedUnanswered from exc
         except BaseException:  # cancelled: the server is shutting down
             connection.close()
@@ -326,19 +326,21 @@ class Endpoint:
         """Pass the replica's answer on to the client, streaming its body as it arrives."""
         assert self._pool is not None
         message, payload = exchange.message, exchange.payload
-        headers = response_headers(message.headers)
         if _is_small(message.headers, payload):
             # Head and body go out in one write; a stream, or a large body, goes on as it comes.
             try:
-                body = await payload.read()
+                body = payload.read_nowait() if payload.is_eof() else await payload.read()
             except _UPSTREAM_ERRORS as exc:
+                return _bad_gateway(_broken_answer(exc))
+            finally:
                 exchange.end(self._pool)
-                return _bad_gateway(f"the replica sent a broken answer ({type(exc).__name__})")
-            exchange.end(self._pool)
-            return web.Response(
-                status=message.code, reason=message.reason, headers=headers, body=body or None
+            whole = web.Response(
+                status=message.code, reason=message.reason, headers=message.headers, body=body or None
             )
-        response = web.StreamResponse(status=message.code, reason=message.reason, headers=headers)
+            drop_hop_by_hop(whole.headers)
+            return whole
+        response = web.StreamResponse(status=message.code, reason=message.reason, headers=message.headers)
+        drop_hop_by_hop(response.headers)
         try:
             await response.prepare(request)
             while chunk := await payload.readany():
@@ -359,6 +361,10 @@ def _is_small(headers: CIMultiDictProxy[str], payload: StreamReader) -> bool:
         return True
     length = headers.get("Content-Length")
     return length is not None and length.isdigit() and int(length) <= SMALL_BODY_BYTES
+
+
+def _broken_answer(error: BaseException) -> str:
+    return f"the replica sent a broken answer ({type(error).__name__})"
 
 
 def _json_response(status: int, payload: dict[str, Any]) -> web.Response:

@@ -103,19 +103,23 @@ class UpstreamPool:
         self._ports: frozenset[int] = frozenset()
         self._sweeper = loop.call_later(idle_timeout / 2, self._sweep)
 
-    async def connect(self, port: int, fresh: bool = False) -> UpstreamConnection:
-        """An idle connection to `port` (unless `fresh`), else a new one.
+    async def connect(self, port: int) -> UpstreamConnection:
+        """An idle connection to `port`, else a new one (see `open`)."""
+        return self.take_idle(port) or await self.open(port)
 
-        Raises OSError or asyncio.TimeoutError when no connection could be made.
-        """
-        if not fresh:
-            idle = self._idle.get(port)
-            while idle:
-                connection = idle.pop()
-                if connection.usable:
-                    connection.reused = True
-                    return connection
-                connection.close()
+    def take_idle(self, port: int) -> UpstreamConnection | None:
+        """The idle connection to `port` used last, if one is still open."""
+        idle = self._idle.get(port)
+        while idle:
+            connection = idle.pop()
+            if connection.usable:
+                connection.reused = True
+                return connection
+            connection.close()
+        return None
+
+    async def open(self, port: int) -> UpstreamConnection:
+        """A new connection to `port`; OSError or asyncio.TimeoutError when none could be made."""
         _, protocol = await asyncio.wait_for(
             self._loop.create_connection(lambda: UpstreamProtocol(self._loop), UPSTREAM_HOST, port),
             CONNECT_TIMEOUT_SECONDS,
