@@ -193,6 +193,12 @@ def _fork_agent(store: Store, name: str) -> None:
 
 
 def _become_agent(store: Store, name: str, log_fd: int) -> int:
+    import gc
+
+    # The CLI pauses the collector (cli/gc_policy.py); the agent runs for days and needs it.
+    # What the CLI left in memory is frozen: never scanned, and its pages stay shared.
+    gc.freeze()
+    gc.enable()
     os.chdir("/")
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)

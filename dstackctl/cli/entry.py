@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from dstackctl.cli import gc_policy
+
 FastPath = Callable[[list[str]], "int | None"]
 
 
@@ -46,15 +48,19 @@ def run_fast_path(argv: list[str]) -> int | None:
 
 
 def main() -> None:
+    gc_policy.pause()
     # dstackctl's config models use no pydantic plugins; looking for them reads the metadata
     # of every installed package (~15 ms on each command).
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     args = sys.argv[1:]
-    code = run_fast_path(args)
-    if code is not None:
-        sys.exit(code)
-    from dstackctl.cli.main import main as typer_main
-    from dstackctl.runs import fork_agents
+    try:
+        code = run_fast_path(args)
+        if code is not None:
+            sys.exit(code)
+        from dstackctl.cli.main import main as typer_main
+        from dstackctl.runs import fork_agents
 
-    fork_agents()  # this process is the CLI alone: no other threads, no embedding program
-    typer_main(args)
+        fork_agents()  # this process is the CLI alone: no other threads, no embedding program
+        typer_main(args)
+    finally:
+        gc_policy.skip_collection_at_exit()

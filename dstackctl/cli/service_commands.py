@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from dstackctl.cli import gc_policy
 from dstackctl.cli.output import warn
 from dstackctl.errors import DstackctlError, ExitCode, UsageError
 
@@ -252,6 +253,7 @@ class _Progress:
 
     def __init__(self) -> None:
         self._last: dict[tuple[int, int], str] = {}
+        gc_policy.resume_for_a_long_run()  # it shows a wait of seconds to minutes
 
     def show(self, view: RunView) -> None:
         from dstackctl.services import describe_replica
@@ -285,6 +287,7 @@ def _attach(store: Any, service: str, engine: Any) -> int:
 
 
 def _print_logs(lines: Any, prefix: bool) -> None:
+    gc_policy.resume_for_a_long_run()
     out = sys.stdout.buffer
     for num, line in lines:
         if prefix:
