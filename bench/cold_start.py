@@ -5,8 +5,9 @@ all commands alike; a warm-up round is not counted. Target: the median of each d
 command is within 120 ms of the median of ``python -c pass`` (same interpreter).
 
 Reference rows, not part of the verdict, price what any pydantic-based `validate` must pay:
-Python importing PyYAML and pydantic and validating one one-field model (pydantic's plugin
-discovery off, as the console script has it), and the same with dstackctl's config models.
+Python importing PyYAML and pydantic and validating one one-field model, and Python
+importing dstackctl's config models; both with the console script's settings (pydantic's
+plugin discovery off, the collector paused, the heap frozen before exit).
 
     .venv/bin/python bench/cold_start.py [--runs 15] [--json]
 
@@ -74,16 +75,16 @@ def build_commands() -> tuple[list[Command], list[str]]:
         )
     else:
         notes.append("no samples/*.yml found: 'dstackctl validate' not timed")
-    no_plugins = "import os; os.environ['PYDANTIC_DISABLE_PLUGINS'] = '1'\n"
+    no_plugins = "import gc, os; gc.disable(); os.environ['PYDANTIC_DISABLE_PLUGINS'] = '1'\n"
     commands += [
         Command(
             "(reference) import yaml+pydantic, 1 model",
-            [sys.executable, "-c", no_plugins + PYDANTIC_FLOOR],
+            [sys.executable, "-c", no_plugins + PYDANTIC_FLOOR + "gc.freeze()"],
             reference=True,
         ),
         Command(
             "(reference) import dstackctl's models",
-            [sys.executable, "-c", no_plugins + "import dstackctl.config.loader"],
+            [sys.executable, "-c", no_plugins + "import dstackctl.config.loader\ngc.freeze()"],
             reference=True,
         ),
     ]
