@@ -408,9 +408,20 @@ def test_expect_100_continue_is_answered_by_the_endpoint(upstream: Upstream, end
     assert "expect" not in upstream.seen[-1].headers
 
 
+def test_an_http_1_0_client_gets_a_stream_delimited_by_close(upstream: Upstream, endpoint: Endpoint) -> None:
+    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=WAIT) as client:
+        client.sendall(b"GET /chunks?n=2&gap=0.1 HTTP/1.0\r\n\r\n")
+        answer = receive_until(client, b"")
+
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n"), head
+    assert b"transfer-encoding" not in head.lower()
+    assert [line.split(b" at ")[0] for line in body.splitlines()] == [b"chunk 0", b"chunk 1"]
+
+
 def receive_until(client: socket.socket, ending: bytes) -> bytes:
     data = b""
-    while not data.endswith(ending):
+    while not (ending and data.endswith(ending)):
         more = client.recv(65536)
         if not more:
             break
