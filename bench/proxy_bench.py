@@ -6,7 +6,7 @@ The same wrk load goes to every target, in interleaved rounds, so machine noise 
 - ``nginx-w1``    wrk -> Debian's nginx as a plain reverse proxy, ``worker_processes 1``
 - ``nginx-auto``  the same nginx with ``worker_processes auto`` (for information only)
 - ``dstackctl``   wrk -> ``dstackctl.proxy.Endpoint`` in its own process (one uvloop loop)
-- ``whatif:X``    Endpoint from bench/whatif_proxy/X.py, with --whatif (not in the verdict)
+- ``whatif:X``    Endpoint from the file X.py given with --whatif (not in the verdict)
 
 nginx with one worker is the like-for-like baseline and the one the throughput ratio uses: the
 endpoint is one process with one event loop, so it can use one core at most.
@@ -38,7 +38,7 @@ Targets (the issue): dstackctl added p50 <= 1 ms at moderate load; dstackctl thr
 of nginx's (worker_processes 1); 1,000 concurrent streams through the proxy without errors.
 
     .venv/bin/python bench/proxy_bench.py [--rounds 3] [--duration 10] [--streams 1000]
-        [--whatif bench/whatif_proxy/proxy_lean.py] [--proxy-nofile max|inherit|N]
+        [--whatif FILE.py] [--proxy-nofile max|inherit|N]
         [--profile-out prof.svg|prof.txt] [--skip-load] [--skip-streams] [--json]
 
 Exit status: 0 when every target is met, 1 otherwise.
@@ -869,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="FILE.py",
-        help="also measure Endpoint from this file (e.g. bench/whatif_proxy/*.py) in the "
+        help="also measure Endpoint from this file in the "
         "same interleaved rounds, as target 'whatif:<stem>'; not counted in the verdict",
     )
     parser.add_argument(
