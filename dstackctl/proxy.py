@@ -274,7 +274,8 @@ class Endpoint:
                 tried.add(key)  # nothing was sent: safe to try another replica
             except _ClosedUnanswered:
                 # The replica went away before answering (a crash, a reset). Without a body
-                # nothing is lost by asking another replica; a streamed body is gone.
+                # nothing is lost by asking another replica; one that had a body may have
+                # acted on it already, so it is not sent to a second replica.
                 if outgoing.has_body:
                     return _bad_gateway("the replica closed the connection")
                 tried.add(key)
