@@ -15,6 +15,7 @@ import logging
 import os
 import secrets as random_tokens
 import signal
+import socket
 import sys
 import threading
 import time
@@ -41,6 +42,7 @@ LOG_TAIL_LINES = 5
 DRAIN_SECONDS = 30.0
 DEFAULT_ROLLOUT_TIMEOUT = 600
 AGENT_MODULE = "dstackctl.agent"
+ENDPOINT_HOST = "127.0.0.1"
 ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
 # Docker states in which a replica's processes exist. `paused` (`docker pause`) is a hang that
 # Docker knows of: the replica is probed as usual, and its probes time out.
@@ -124,6 +126,7 @@ class ServiceAgent:
         self.endpoint: Endpoint | None = None  # started after the first containers
         self._labels = {LABEL_RUN: name, LABEL_HOME: home_label(store.home)}
         self._started_at = utc_now()
+        self._started_monotonic = time.monotonic()
         self._deployments: dict[str, _Deployment] = {}
         self._containers: list[Replica] = []
         self._desired: _Desired | None = None
@@ -135,6 +138,8 @@ class ServiceAgent:
         self._dirty = threading.Event()
         self._gpus: list[Gpu] | None = None
         self._endpoint_thread: threading.Thread | None = None
+        self._listener: socket.socket | None = None  # the endpoint's, bound before it serves
+        self._endpoint_url: str | None = None
 
     # --- main loop ----------------------------------------------------------------------
 
@@ -161,6 +166,8 @@ class ServiceAgent:
                 self._endpoint_thread.join(10)
             if self.endpoint is not None:
                 self.endpoint.close()
+            elif self._listener is not None:
+                self._listener.close()
             publisher.join(1.0)
 
     def _reconcile_until_stopped(self) -> int:
@@ -180,6 +187,7 @@ class ServiceAgent:
             except Exception:
                 # A bug must not take the endpoint down with it: log it and try again.
                 log.exception("unexpected error in the reconcile loop; retrying")
+            self._start_endpoint_soon()  # after the first round (and its containers), or an outage
             self.stop.wait(POLL_SECONDS)
         log.info("agent for %s stopped", self.name)
         return 0
@@ -234,22 +242,38 @@ class ServiceAgent:
         self.engine = None
         self._publish(force=False)
 
-    def _start_endpoint_soon(self, desired: _Desired) -> None:
-        """Start the endpoint in a thread: importing aiohttp (~0.2 s) then overlaps with the
-        first containers being created, which is mostly waiting on Docker."""
-        if self._endpoint_thread is not None or desired.endpoint_port is None:
+    def _bind_endpoint(self, desired: _Desired) -> None:
+        """Take the endpoint's port at once: from here connections wait in its backlog, and
+        `ps` and `run -d` can give the URL, even before the proxy serves them."""
+        if self._listener is not None or self._endpoint_error or desired.endpoint_port is None:
+            return
+        from dstackctl.netutil import EndpointError, listen
+
+        try:
+            self._listener = listen(ENDPOINT_HOST, desired.endpoint_port)
+        except EndpointError as exc:
+            self._endpoint_error = exc.message
+            log.error("%s", exc.message)
+            return
+        self._endpoint_url = f"http://{ENDPOINT_HOST}:{desired.endpoint_port}"
+        log.info("endpoint bound to %s", self._endpoint_url)
+
+    def _start_endpoint_soon(self) -> None:
+        """Start serving the bound endpoint from a thread, once the first containers were
+        created: importing aiohttp takes ~0.2 s of CPU, which Docker needs while it creates
+        containers on a small machine."""
+        if self._endpoint_thread is not None or self._listener is None:
             return
         self._endpoint_thread = threading.Thread(
-            target=self._start_endpoint, args=(desired,), name="endpoint-start", daemon=True
+            target=self._start_endpoint, args=(self._listener,), name="endpoint-start", daemon=True
         )
         self._endpoint_thread.start()
 
-    def _start_endpoint(self, desired: _Desired) -> None:
-        if self.endpoint is not None or self._endpoint_error or desired.endpoint_port is None:
-            return
+    def _start_endpoint(self, listener: socket.socket) -> None:
         from dstackctl.proxy import Endpoint, EndpointError
 
-        endpoint = Endpoint(self.name, desired.endpoint_port)
+        host, port = listener.getsockname()
+        endpoint = Endpoint(self.name, port, host, listener, grace_from=self._started_monotonic)
         try:
             endpoint.start()
         except EndpointError as exc:
@@ -257,13 +281,13 @@ class ServiceAgent:
             log.error("%s", exc.message)
             return
         self.endpoint = endpoint
-        log.info("endpoint listening on %s", endpoint.url)
+        log.info("endpoint serving on %s", endpoint.url)
         self._dirty.set()
 
     # --- reconcile ----------------------------------------------------------------------
 
     def _reconcile(self, desired: _Desired) -> None:
-        self._start_endpoint_soon(desired)
+        self._bind_endpoint(desired)
         engine = self._connect()
         self._containers = engine.list_replicas(self._labels)
         now = time.monotonic()
@@ -540,6 +564,7 @@ class ServiceAgent:
 
         progress(f"pulling {image}")
         log.info("pulling image %s", image)
+        self._start_endpoint_soon()  # a pull takes long: meanwhile, answer 503 rather than nothing
         try:
             engine.pull(image, progress, desired.registry_auth)
         except DockerError as exc:
@@ -755,7 +780,7 @@ class ServiceAgent:
                 "status": _run_status(rows),
                 "engine_problem": self._engine_problem,
                 "endpoint_error": self._endpoint_error,
-                "url": self.endpoint.url if self.endpoint else None,
+                "url": self._endpoint_url,
                 "replicas": rows,
             }
             now = time.monotonic()

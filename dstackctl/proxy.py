@@ -17,7 +17,9 @@ import errno
 import itertools
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,14 +28,16 @@ from aiohttp.http import RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 
-from dstackctl.errors import DstackctlError
 from dstackctl.forwarding import CONTINUE, OutgoingRequest, drop_hop_by_hop
+from dstackctl.netutil import BACKLOG, EndpointError, listen
 from dstackctl.upstream_pool import UpstreamConnection, UpstreamPool
+
+__all__ = ["Endpoint", "EndpointError"]
 
 log = logging.getLogger("dstackctl.proxy")
 
-# Right after the endpoint starts (a new or restarted agent) the first probe results are
-# still on their way: requests wait this long for a ready replica before a 503.
+# Right after an agent starts (a new or restarted one) the first probe results are still on
+# their way: until this long after its start, requests wait for a ready replica before a 503.
 STARTUP_GRACE_SECONDS = 5.0
 # An answer with a Content-Length up to this is read whole before it is passed on, so that
 # head and body reach the client in one write; longer ones, and streams, are relayed as they come.
@@ -41,10 +45,6 @@ SMALL_BODY_BYTES = 64 * 1024
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 # What reading an answer raises when the replica's connection broke or the answer was garbled.
 _UPSTREAM_ERRORS = (client_exceptions.ClientError, http_exceptions.HttpProcessingError, OSError)
-
-
-class EndpointError(DstackctlError):
-    pass
 
 
 class _Unreachable(Exception):
@@ -108,10 +108,20 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class Endpoint:
-    def __init__(self, service: str, port: int, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        service: str,
+        port: int,
+        host: str = "127.0.0.1",
+        listener: socket.socket | None = None,
+        grace_from: float | None = None,
+    ) -> None:
         self.service = service
         self.host = host
         self.port = port
+        self._listener = listener  # bound with netutil.listen
+        # The startup grace counts from here (a time.monotonic()): the agent's start.
+        self._grace_from = time.monotonic() if grace_from is None else grace_from
         self._upstreams: list[tuple[str, int]] = []
         self._rotation = itertools.count()
         self._inflight: dict[str, int] = {}
@@ -132,18 +142,13 @@ class Endpoint:
     # --- lifecycle (called from the agent's threads) -----------------------------------
 
     def start(self) -> None:
+        """Serve on the socket given to the constructor, else on one bound here."""
+        if self._listener is None:
+            self._listener = listen(self.host, self.port)
         self._thread.start()
         self._started.wait(10)
         if self._startup_error is not None:
-            error = self._startup_error
-            if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
-                raise EndpointError(
-                    f"port {self.port} on {self.host} is in use by another program; choose another "
-                    f"with --port or `port: LOCAL:CONTAINER`"
-                ) from None
-            if isinstance(error, OSError):
-                raise EndpointError(f"cannot listen on {self.host}:{self.port}: {error.strerror}") from None
-            raise EndpointError(f"cannot start the endpoint: {error}") from None
+            raise EndpointError(f"cannot start the endpoint: {self._startup_error}") from None
 
     def close(self) -> None:
         if not self._thread.is_alive():
@@ -181,6 +186,8 @@ class Endpoint:
         except BaseException as exc:
             self._startup_error = exc
             self._loop.run_until_complete(self._shutdown())
+            if self._listener is not None:
+                self._listener.close()
             self._loop.close()
             self._started.set()
             return
@@ -193,10 +200,12 @@ class Endpoint:
         server = web_server.Server(self._handle, access_log=None)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True, backlog=1024)
+        assert self._listener is not None
+        site = web.SockSite(self._runner, self._listener, backlog=BACKLOG)
         await site.start()
         self._changed = asyncio.Event()
-        self._grace_until = self._loop.time() + STARTUP_GRACE_SECONDS
+        elapsed = time.monotonic() - self._grace_from
+        self._grace_until = self._loop.time() + max(0.0, STARTUP_GRACE_SECONDS - elapsed)
 
     async def _shutdown(self) -> None:
         if self._runner is not None:

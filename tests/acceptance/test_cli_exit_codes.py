@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from helpers import wait_until, write_service
 
 from dstackctl.replica_spec import home_label
@@ -303,6 +304,9 @@ def test_run_exits_3_when_the_image_pull_outlasts_the_timeout(
         assert replica["status"] == "provisioning"
         shown = _run(dstackctl("ps", "--json", "stalled"))
         assert (shown["status"], shown["agent_alive"]) == ("provisioning", True)
+        # While the image is pulled the endpoint answers (after its start-up grace), not hangs.
+        answer = requests.get(shown["url"], timeout=10)
+        assert (answer.status_code, answer.json()["error"]) == (503, "no replica is ready")
     finally:
         registry.close()  # the pull now fails at once, and the teardown's stop is quick
 
