@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from dstackctl.cli import gc_policy
+from dstackctl.cli import failures, gc_policy
 
 FastPath = Callable[[list[str]], "int | None"]
 
@@ -27,24 +27,13 @@ def _fast_path(command: str) -> FastPath | None:
 def run_fast_path(argv: list[str]) -> int | None:
     """The exit code of `argv` (command first) when a fast path handled it, with errors
     reported as the Typer app reports them; None when the Typer app must handle it."""
-    from dstackctl.errors import DstackctlError, ExitCode
-
     handler = _fast_path(argv[0]) if argv else None
     if handler is None:
         return None
     try:
         return handler(argv[1:])
-    except DstackctlError as exc:
-        sys.stderr.write(f"error: {exc.message}\n")
-        return int(exc.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("Interrupted.\n")
-        return ExitCode.INTERRUPTED
-    except Exception as exc:
-        sys.stderr.write(
-            f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)\n"
-        )
-        return ExitCode.FAILED
+    except (Exception, KeyboardInterrupt) as exc:
+        return failures.report(exc)
 
 
 def main() -> None:

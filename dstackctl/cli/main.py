@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dstackctl import __version__
-from dstackctl.cli import config_commands, service_commands
+from dstackctl.cli import config_commands, failures, service_commands
 from dstackctl.cli.output import state
 from dstackctl.errors import DstackctlError, ExitCode
 
@@ -54,21 +54,13 @@ def run(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("Aborted.", err=True)
         return ExitCode.INTERRUPTED
-    except KeyboardInterrupt:
-        typer.echo("Interrupted.", err=True)
-        return ExitCode.INTERRUPTED
     except typer.TyperException as exc:  # usage errors: typer prints them with a hint
         exc.show()  # type: ignore[attr-defined]
         return int(getattr(exc, "exit_code", ExitCode.USAGE))
-    except DstackctlError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        return exc.exit_code
+    except (DstackctlError, KeyboardInterrupt) as exc:
+        return failures.report(exc)
     except Exception as exc:
         if state.debug:
             raise
-        typer.echo(
-            f"error: unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)",
-            err=True,
-        )
-        return ExitCode.FAILED
+        return failures.report(exc)
     return result if isinstance(result, int) else ExitCode.OK
