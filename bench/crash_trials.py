@@ -53,7 +53,6 @@ import requests
 from tabulate import tabulate
 
 from dstackctl.replica_spec import home_label
-from dstackctl.runs import agent_pid
 from dstackctl.store import Store
 
 IMAGE = "dstackctl-testsrv:latest"
@@ -194,7 +193,7 @@ def one_trial(
         if started.returncode != 0:
             raise RuntimeError(f"run -d failed: {started.stderr.strip()}")
         url = (ps_json(home) or {})["url"]
-        pid = agent_pid(store, NAME)
+        pid = store.agent_holder(NAME)
         begun = time.monotonic()
         redeploy = dstackctl(home, "redeploy", NAME, "-f", v2, "--no-wait")
         if redeploy.returncode != 0:

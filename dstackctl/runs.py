@@ -221,14 +221,9 @@ def _open_log(store: Store, name: str) -> int:
     return os.open(store.log_path(name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
-def agent_pid(store: Store, name: str) -> int | None:
-    """The live agent's pid, as its lock file records it."""
-    return store.agent_holder(name)
-
-
 def stop_agent(store: Store, name: str, timeout: float = 5.0) -> None:
     """SIGTERM the agent, SIGKILL it when it has not exited within `timeout`."""
-    pid = agent_pid(store, name)
+    pid = store.agent_holder(name)
     if pid is None:
         return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):

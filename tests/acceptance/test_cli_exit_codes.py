@@ -23,7 +23,6 @@ import requests
 from helpers import wait_until, write_service
 
 from dstackctl.replica_spec import home_label
-from dstackctl.runs import agent_pid
 from dstackctl.store import Store
 
 HTTPD = "httpd -f -p 8000 -h /www"
@@ -318,7 +317,7 @@ def test_ps_exits_0_when_an_agent_is_dead_and_says_so(
     path = write_service(tmp_path, "orphan", test_image, [HTTPD])
     assert dstackctl("run", "-d", "--timeout", "60s", path).returncode == 0
     store = Store(dstack_home)
-    pid = agent_pid(store, "orphan")
+    pid = store.agent_holder("orphan")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not store.agent_alive("orphan"), timeout=10, what="the killed agent to let go")
@@ -343,7 +342,7 @@ def test_the_console_script_forks_a_detached_agent_that_keeps_none_of_the_clis_f
     # capture_output: had the agent kept the CLI's stdout or stderr pipe, this would hang.
     assert dstackctl("run", "-d", "--timeout", "60s", path).returncode == 0
     store = Store(dstack_home)
-    pid = agent_pid(store, "forked")
+    pid = store.agent_holder("forked")
     assert pid is not None
 
     stat = Path(f"/proc/{pid}/stat").read_text()

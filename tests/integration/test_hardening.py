@@ -34,7 +34,6 @@ import requests
 from helpers import Result, cli, ps_run, wait_until, write_service
 
 from dstackctl.replica_spec import home_label
-from dstackctl.runs import agent_pid
 from dstackctl.store import Store
 
 pytestmark = pytest.mark.docker
@@ -159,7 +158,7 @@ def test_the_agent_killed_during_a_rolling_redeploy_finishes_it_when_restarted(
     v2.write_text(v1.read_text().replace("DEPLOYMENT_TAG=v1", "DEPLOYMENT_TAG=v2"))
     url = start(capsys, v1)["url"]
     store = Store(dstack_home)
-    old_pid = agent_pid(store, "crashy")
+    old_pid = store.agent_holder("crashy")
     assert old_pid is not None
 
     assert cli(capsys, "redeploy", "crashy", "-f", v2, "--no-wait").code == 0
@@ -216,7 +215,7 @@ def test_the_agent_killed_during_a_rolling_redeploy_finishes_it_when_restarted(
     assert deployments(docker_client, dstack_home) == [(1, num, "running") for num in range(n)]
     # ps is truthful: a live agent, and the very containers Docker has.
     assert shown["agent_alive"] is True
-    assert agent_pid(store, "crashy") not in (None, old_pid)
+    assert store.agent_holder("crashy") not in (None, old_pid)
     assert sorted(r["container_id"] for r in shown["replicas"]) == sorted(
         c.id for c in home_containers(docker_client, dstack_home)
     )
@@ -465,7 +464,7 @@ def test_a_broken_store_file_gets_one_sentence_and_stop_still_works(
     store = Store(dstack_home)
     broken = store.service_dir("rotten") / f"{kind}.json"
     if kind == "state":  # the agent rewrites state.json: it must not find out before ps does
-        agent = agent_pid(store, "rotten")
+        agent = store.agent_holder("rotten")
         assert agent is not None
         os.kill(agent, signal.SIGKILL)
         wait_until(lambda: not store.agent_alive("rotten"), timeout=10, what="the killed agent to let go")

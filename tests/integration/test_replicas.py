@@ -20,7 +20,6 @@ import requests
 from helpers import cli, ps_run, wait_until, write_service
 
 from dstackctl.replica_spec import home_label
-from dstackctl.runs import agent_pid
 from dstackctl.store import Store
 
 pytestmark = pytest.mark.docker
@@ -120,7 +119,7 @@ def test_restarted_agent_adopts_the_containers_without_duplicating_them(
     store = Store(dstack_home)
     before = {r["replica_num"]: r["container_id"] for r in ps_run(capsys, "phoenix")["replicas"]}
     assert len(before) == 3
-    old_pid = agent_pid(store, "phoenix")
+    old_pid = store.agent_holder("phoenix")
     assert old_pid is not None
 
     os.kill(old_pid, signal.SIGKILL)
@@ -131,7 +130,7 @@ def test_restarted_agent_adopts_the_containers_without_duplicating_them(
     assert "phoenix is already running with this configuration." in result.out
     assert "the agent of phoenix was not running; restarted it" in result.err
     new_pid = wait_until(
-        lambda: agent_pid(store, "phoenix"), timeout=WAIT, what="the new agent to publish its state"
+        lambda: store.agent_holder("phoenix"), timeout=WAIT, what="the new agent to take its lock"
     )
     assert new_pid != old_pid
     # Wait for a second write of the new agent: its first reconcile (adopt or create) is done.
