@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from dstackctl.config.models import ProbeConfig, ServiceConfiguration
 from dstackctl.docker import LABEL_HOME, LABEL_RUN, DockerEngine, DockerError, Replica
 from dstackctl.gpus import Gpu, choose, discover, shortage_message
+from dstackctl.netutil import EndpointError, listen
 from dstackctl.probes import FAILURES_TO_LEAVE, ProbeRunner, resolve_probes
 from dstackctl.replica_spec import build_replica_spec, home_label, image_of, stop_grace_seconds
 from dstackctl.rollout import Observed, Plan, Target, plan
@@ -247,8 +248,6 @@ class ServiceAgent:
         `ps` and `run -d` can give the URL, even before the proxy serves them."""
         if self._listener is not None or self._endpoint_error or desired.endpoint_port is None:
             return
-        from dstackctl.netutil import EndpointError, listen
-
         try:
             self._listener = listen(ENDPOINT_HOST, desired.endpoint_port)
         except EndpointError as exc:
@@ -270,7 +269,7 @@ class ServiceAgent:
         self._endpoint_thread.start()
 
     def _start_endpoint(self, listener: socket.socket) -> None:
-        from dstackctl.proxy import Endpoint, EndpointError
+        from dstackctl.proxy import Endpoint
 
         host, port = listener.getsockname()
         endpoint = Endpoint(self.name, port, host, listener, grace_from=self._started_monotonic)

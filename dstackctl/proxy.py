@@ -32,8 +32,6 @@ from dstackctl.forwarding import CONTINUE, OutgoingRequest, drop_hop_by_hop
 from dstackctl.netutil import BACKLOG, EndpointError, listen
 from dstackctl.upstream_pool import UpstreamConnection, UpstreamPool
 
-__all__ = ["Endpoint", "EndpointError"]
-
 log = logging.getLogger("dstackctl.proxy")
 
 # Right after an agent starts (a new or restarted one) the first probe results are still on
