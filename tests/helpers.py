@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import random
 import socket
@@ -105,3 +107,14 @@ def ps_run(capsys: pytest.CaptureFixture[str], name: str) -> dict[str, Any]:
     [found] = document["runs"]
     assert found["name"] == name
     return dict(found)
+
+
+def fast_path_of(argv: list[str]) -> tuple[int, str, str] | None:
+    """`argv` on the installed entry point's fast path (exit code, stdout, stderr), or None
+    when it hands over to typer."""
+    from dstackctl.cli.entry import run_fast_path
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run_fast_path(argv)
+    return None if code is None else (code, out.getvalue(), err.getvalue())

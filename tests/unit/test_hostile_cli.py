@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import fast_path_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_config_fuzz import documents, dump, load, mutated_sample, plausible_services, services
 
-from dstackctl.cli.entry import run_fast_path
 from dstackctl.cli.main import run
 
 NO_DOCKER = "unix:///nonexistent-dstackctl-test.sock"
@@ -200,12 +200,8 @@ def test_random_command_lines(private: Path, argv: list[str]) -> None:
 def fast_path(args: list[str]) -> tuple[int, str, str]:
     """`ps ARGS` as the installed entry point runs it: its own parser first, typer when it
     declines (dstackctl/cli/entry.py)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_fast_path(["ps", *args])
-    if code is None:
-        return cli(["ps", *args])
-    return code, out.getvalue(), err.getvalue()
+    handled = fast_path_of(["ps", *args])
+    return cli(["ps", *args]) if handled is None else handled
 
 
 ps_tails = st.lists(
@@ -231,14 +227,6 @@ def test_random_ps_command_lines_on_the_entry_points_fast_path(private: Path, ar
     if code:
         assert ERROR_LINE.search(err), shown
     assert not private.exists(), f"{shown}\nthe command wrote to the store"
-
-
-def fast_path_of(argv: list[str]) -> tuple[int, str, str] | None:
-    """`argv` on the installed entry point's fast path, or None when it hands over to typer."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run_fast_path(argv)
-    return None if code is None else (code, out.getvalue(), err.getvalue())
 
 
 validate_tails = st.lists(

@@ -21,9 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import fast_path_of, wait_until
 
-from dstackctl.cli.entry import run_fast_path
 from dstackctl.cli.main import run
 from dstackctl.store import SPEC, STATE, Store
 
@@ -303,11 +302,11 @@ def test_a_broken_store_file_gives_one_sentence(home: Path, kind: str, case: str
         assert out == ""
         assert_one_sentence(err, path, fragment)
     for args in ([NAME], ["-v", "--json", NAME]):  # the entry point's fast path of `ps`
-        out_buffer, err_buffer = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out_buffer), contextlib.redirect_stderr(err_buffer):
-            code = run_fast_path(["ps", *args])
-        assert (code, out_buffer.getvalue()) == (1, ""), f"ps {args}"
-        assert_one_sentence(err_buffer.getvalue(), path, fragment)
+        handled = fast_path_of(["ps", *args])
+        assert handled is not None, f"ps {args} left the fast path"
+        code, out, err = handled
+        assert (code, out) == (1, ""), f"ps {args}"
+        assert_one_sentence(err, path, fragment)
     if kind == SPEC:  # redeploy reads the spec first, and needs no Docker for that
         code, out, err = cli("redeploy", NAME)
         assert (code, out) == (1, "")
