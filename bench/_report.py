@@ -1,10 +1,74 @@
-"""Pieces the start-up benchmarks share: the machine's load and the per-command timing table."""
+"""Pieces the start-up benchmarks share: timing commands in fresh processes, interleaved,
+the machine's load and the per-command timing table."""
 
 from __future__ import annotations
 
 import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Command:
+    label: str
+    argv: list[str]
+    env: dict[str, str] | None = None
+    target: bool = False  # the command the verdict is about
+    reference: bool = False  # priced for comparison, not held to the target
+    times_ms: list[float] = field(default_factory=list)
+    exit_codes: set[int] = field(default_factory=set)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def p90_ms(self) -> float:
+        return statistics.quantiles(self.times_ms, n=10, method="inclusive")[8]
+
+
+def run_once(command: Command) -> None:
+    """Time one run of `command` in a fresh process, from the repository root, output discarded."""
+    start = time.perf_counter()
+    completed = subprocess.run(
+        command.argv,
+        cwd=REPO_ROOT,
+        env=command.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
+    command.times_ms.append((time.perf_counter() - start) * 1000)
+    command.exit_codes.add(completed.returncode)
+
+
+def run_all(commands: list[Command], runs: int, warmup: int) -> None:
+    """`warmup` untimed rounds, then `runs` rounds; each round runs every command once."""
+    for _ in range(warmup):
+        for command in commands:
+            run_once(command)
+    for command in commands:
+        command.times_ms.clear()
+        command.exit_codes.clear()
+    for _ in range(runs):
+        for command in commands:
+            run_once(command)
+
+
+def exit_notes(commands: list[Command]) -> list[str]:
+    """A note for every command that did not always exit 0."""
+    return [
+        f"{command.label!r} exited with {sorted(command.exit_codes)}"
+        for command in commands
+        if command.exit_codes != {0}
+    ]
 
 
 def load_average() -> str:

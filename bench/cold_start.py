@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from _report import command_table
+from _report import REPO_ROOT, Command, command_table, exit_notes, run_all
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET_MS = 120.0
 BASELINE = "python -c pass"
 PYDANTIC_FLOOR = """\
@@ -38,23 +33,6 @@ class Model(BaseModel):
     port: int
 Model.model_validate(yaml.safe_load("port: 8000"))
 """
-
-
-@dataclass
-class Command:
-    label: str
-    argv: list[str]
-    reference: bool = False  # priced for comparison, not held to the target
-    times_ms: list[float] = field(default_factory=list)
-    exit_codes: set[int] = field(default_factory=set)
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.times_ms)
-
-    @property
-    def p90_ms(self) -> float:
-        return statistics.quantiles(self.times_ms, n=10, method="inclusive")[8]
 
 
 def build_commands() -> tuple[list[Command], list[str]]:
@@ -91,32 +69,6 @@ def build_commands() -> tuple[list[Command], list[str]]:
     if not dstackctl.exists():
         notes.append(f"{dstackctl} not found: install the package into this interpreter")
     return commands, notes
-
-
-def run_once(command: Command) -> None:
-    start = time.perf_counter()
-    completed = subprocess.run(
-        command.argv,
-        cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=False,
-    )
-    command.times_ms.append((time.perf_counter() - start) * 1000)
-    command.exit_codes.add(completed.returncode)
-
-
-def run_all(commands: list[Command], runs: int, warmup: int) -> None:
-    for _ in range(warmup):
-        for command in commands:
-            run_once(command)
-    for command in commands:
-        command.times_ms.clear()
-        command.exit_codes.clear()
-    for _ in range(runs):
-        for command in commands:
-            run_once(command)
 
 
 def summarise(commands: list[Command], runs: int, notes: list[str]) -> dict[str, object]:
@@ -169,9 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands, notes = build_commands()
     run_all(commands, args.runs, args.warmup)
-    for command in commands:
-        if command.exit_codes != {0}:
-            notes.append(f"{command.label!r} exited with {sorted(command.exit_codes)}")
+    notes.extend(exit_notes(commands))
     summary = summarise(commands, args.runs, notes)
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -26,45 +26,24 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from _report import command_table, load_average
+from _report import REPO_ROOT, Command, command_table, exit_notes, load_average, run_all
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from dstackctl.replica_spec import config_hash  # noqa: E402
-from dstackctl.store import HOME_VARIABLE, SECRETS, SPEC, STATE, Store  # noqa: E402
+from dstackctl.replica_spec import config_hash
+from dstackctl.store import HOME_VARIABLE, SECRETS, SPEC, STATE, Store
 
 TARGET_MS = 100.0
 TARGET_LABEL = "dstackctl ps"
 BASELINE = "python -c pass"
-
-
-@dataclass
-class Command:
-    label: str
-    argv: list[str]
-    env: dict[str, str] | None = None
-    target: bool = False
-    times_ms: list[float] = field(default_factory=list)
-    exit_codes: set[int] = field(default_factory=set)
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.times_ms)
-
-    @property
-    def p90_ms(self) -> float:
-        return statistics.quantiles(self.times_ms, n=10, method="inclusive")[8]
 
 
 # --- the synthetic store ----------------------------------------------------------------------
@@ -224,22 +203,6 @@ def build_commands(down: Path, up: Path) -> tuple[list[Command], list[str]]:
     return commands, notes
 
 
-def run_once(command: Command) -> subprocess.CompletedProcess[bytes]:
-    start = time.perf_counter()
-    completed = subprocess.run(
-        command.argv,
-        cwd=REPO_ROOT,
-        env=command.env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=False,
-    )
-    command.times_ms.append((time.perf_counter() - start) * 1000)
-    command.exit_codes.add(completed.returncode)
-    return completed
-
-
 def check_outputs(commands: list[Command], services: int, replicas: int) -> tuple[list[str], list[str]]:
     """Run each dstackctl command once with its output captured; describe what looks wrong.
 
@@ -271,18 +234,6 @@ def check_outputs(commands: list[Command], services: int, replicas: int) -> tupl
             f"{warnings} warning line(s) ({len(err)} bytes) on stderr"
         )
     return notes, warned
-
-
-def run_all(commands: list[Command], runs: int, warmup: int) -> None:
-    for _ in range(warmup):
-        for command in commands:
-            run_once(command)
-    for command in commands:
-        command.times_ms.clear()
-        command.exit_codes.clear()
-    for _ in range(runs):
-        for command in commands:
-            run_once(command)
 
 
 def warnings_in_process_ms(messages: list[str]) -> float | None:
@@ -413,9 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"load average before: {load_average()}")
             run_all(commands, args.runs, args.warmup)
             notes.append(f"load average after: {load_average()}")
-        for command in commands:
-            if command.exit_codes != {0}:
-                notes.append(f"{command.label!r} exited with {sorted(command.exit_codes)}")
+        notes.extend(exit_notes(commands))
         summary = summarise(commands, args.runs, args.services, args.replicas, notes, warned)
     finally:
         if args.keep:
