@@ -15,16 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from dstackctl.config.loader import parse_service
-from dstackctl.docker import (
+from dstackctl.deploy import stored_config
+from dstackctl.docker import Replica
+from dstackctl.labels import (
     LABEL_CONFIG_HASH,
     LABEL_DEPLOYMENT,
     LABEL_HOME,
     LABEL_REPLICA,
     LABEL_RUN,
-    Replica,
+    home_label,
 )
-from dstackctl.replica_spec import config_hash, home_label
-from dstackctl.services import stored_config
+from dstackctl.replica_spec import config_hash
 from dstackctl.store import SECRETS, SPEC, STATE, Store
 
 
@@ -87,8 +88,8 @@ def running_replicas(store: Store, name: str, cfg_hash: str, ports: list[int]) -
                 oom_killed=False,
                 host_port=port,
                 started_at=None,
-                finished_at=None,
-                error=None,
+                ip_address="127.0.0.1",
+                container_port=port,
             )
         )
     return replicas
@@ -121,7 +122,7 @@ class FakeEngine:
 def instrument_runner(**overrides: Any) -> list[Any]:
     """Make the agent build its ProbeRunner with these keyword arguments; returns a list that
     receives the runner once the agent has created it."""
-    import dstackctl.agent as agent_module
+    import dstackctl.agent.service_agent as agent_module
     from dstackctl.probes import ProbeRunner
 
     created: list[Any] = []
@@ -154,8 +155,7 @@ def start_agent(store: Store, name: str, engine: FakeEngine) -> tuple[Any, threa
     """The real ServiceAgent in a thread of this process, on the fake engine."""
     from dstackctl.agent import ServiceAgent
 
-    agent = ServiceAgent(store, name, threading.Event())
-    agent.engine = engine  # type: ignore[assignment]  # _connect() keeps an existing engine
+    agent = ServiceAgent(store, name, threading.Event(), engine=engine)  # type: ignore[arg-type]
     thread = threading.Thread(target=agent.run, name="agent", daemon=True)
     thread.start()
     return agent, thread

@@ -52,7 +52,7 @@ import docker
 import requests
 from tabulate import tabulate
 
-from dstackctl.replica_spec import home_label
+from dstackctl.labels import home_label
 from dstackctl.store import Store
 
 IMAGE = "dstackctl-testsrv:latest"
@@ -177,7 +177,8 @@ def cleanup(client: Any, home: Path) -> None:
 
 
 def rollout_state(store: Store) -> str:
-    return str(((store.read(NAME, "spec") or {}).get("rollout") or {}).get("state"))
+    """The rollout's state as the agent observes it (state.json: the agent is its only writer)."""
+    return str(((store.read(NAME, "state") or {}).get("rollout") or {}).get("state"))
 
 
 def one_trial(
@@ -254,10 +255,11 @@ def one_trial(
 
         state = rollout_state(store)
         trial.outcome = {"done": "finished", "rolled_back": "rolled back"}.get(state, "failed")
-        spec = store.read(NAME, "spec") or {}
-        final = int(spec.get("deployment_num", -1))
-        # The tag the final config runs with (a redeploy after a rolled-back rollout restarts v1).
-        tag = ((store.read(NAME, "secrets") or {}).get("env") or {}).get("DEPLOYMENT_TAG")
+        final = int((store.read(NAME, "state") or {}).get("deployment_num", -1))
+        # The tag the final config runs with: a rolled-back rollout leaves the previous one's.
+        secrets = store.read(NAME, "secrets") or {}
+        env = secrets.get("previous_env") if state == "rolled_back" else None
+        tag = (env or secrets.get("env") or {}).get("DEPLOYMENT_TAG")
         found = containers(client, home)
         shown_ids = {r["container_id"] for r in (shown or {}).get("replicas") or []}
         trial.orphans = sum(1 for c in found if c["Id"] not in shown_ids)

@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
         print(f"setup failed: {exc}", file=sys.stderr)
         return 2
-    from dstackctl.agent import MIN_PUBLISH_GAP_SECONDS
+    from dstackctl.agent.publishing import MIN_PUBLISH_GAP_SECONDS
     from dstackctl.probes import FAILURES_TO_LEAVE
 
     target_ms = INTERVAL_SECONDS * 1000 + TARGET_EXTRA_MS

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import docker
 import docker.errors
@@ -17,16 +17,17 @@ import requests.exceptions
 from docker.types import DeviceRequest
 
 from dstackctl.errors import DstackctlError
+from dstackctl.labels import (
+    DEFAULT_GROUP,
+    LABEL_CONFIG_HASH,
+    LABEL_DEPLOYMENT,
+    LABEL_GPUS,
+    LABEL_GROUP,
+    LABEL_REPLICA,
+)
 
-LABEL_RUN = "dstackctl.run"
-LABEL_HOME = "dstackctl.home"
-LABEL_REPLICA = "dstackctl.replica"
-LABEL_JOB = "dstackctl.job"
-LABEL_DEPLOYMENT = "dstackctl.deployment"
-LABEL_CONFIG_HASH = "dstackctl.config-hash"
-LABEL_GPUS = "dstackctl.gpus"
-# The service's spec (no env values) on every container, so a lost store can be rebuilt.
-LABEL_SPEC = "dstackctl.spec"
+if TYPE_CHECKING:
+    from dstackctl.replica_spec import ReplicaSpec
 
 NO_GPU_RUNTIME = (
     "this Docker engine has no NVIDIA GPU runtime; install nvidia-container-toolkit, "
@@ -36,30 +37,6 @@ NO_GPU_RUNTIME = (
 
 class DockerError(DstackctlError):
     """The engine refused or failed an operation."""
-
-
-@dataclass(frozen=True)
-class ReplicaSpec:
-    """Everything needed to create one replica container."""
-
-    name: str
-    image: str
-    labels: dict[str, str]
-    container_port: int
-    entrypoint: list[str] | None = None
-    command: list[str] | None = None
-    environment: dict[str, str] = field(default_factory=dict)
-    working_dir: str | None = None
-    user: str | None = None
-    privileged: bool = False
-    binds: dict[str, dict[str, str]] = field(default_factory=dict)
-    shm_size_bytes: int | None = None
-    mem_limit_bytes: int | None = None
-    nano_cpus: int | None = None
-    gpu_count: int = 0
-    gpu_device_ids: list[str] | None = None
-    stop_grace_seconds: int = 10
-    publish_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -74,12 +51,12 @@ class Replica:
     oom_killed: bool
     host_port: int | None
     started_at: str | None
-    finished_at: str | None
-    error: str | None
+    ip_address: str | None  # the container's own, on its network (None unless running)
+    container_port: int | None
 
     @property
-    def run_name(self) -> str:
-        return self.labels.get(LABEL_RUN, "")
+    def group(self) -> str:
+        return self.labels.get(LABEL_GROUP, DEFAULT_GROUP)
 
     @property
     def replica_num(self) -> int:
@@ -102,11 +79,12 @@ class Replica:
     def from_attrs(cls, attrs: dict[str, Any]) -> Replica:
         state = attrs.get("State", {})
         labels = attrs.get("Config", {}).get("Labels") or {}
-        host_port = None
-        for bindings in (attrs.get("NetworkSettings", {}).get("Ports") or {}).values():
+        host_port = container_port = None
+        for port_key, bindings in (attrs.get("NetworkSettings", {}).get("Ports") or {}).items():
             for binding in bindings or []:
                 if binding.get("HostPort"):
                     host_port = int(binding["HostPort"])
+                    container_port = int(port_key.split("/")[0])
                     break
         status = state.get("Status", "unknown")
         return cls(
@@ -118,14 +96,15 @@ class Replica:
             oom_killed=bool(state.get("OOMKilled")),
             host_port=host_port,
             started_at=_docker_time(state.get("StartedAt")),
-            finished_at=_docker_time(state.get("FinishedAt")),
-            error=state.get("Error") or None,
+            ip_address=_ip_address(attrs.get("NetworkSettings")) if status == "running" else None,
+            container_port=container_port,
         )
 
     @classmethod
     def from_summary(cls, summary: dict[str, Any]) -> Replica:
         """From a `containers` list entry of a running container (no inspect needed)."""
         ports = [p for p in summary.get("Ports") or [] if p.get("PublicPort")]
+        running = summary.get("State") == "running"
         return cls(
             id=summary["Id"],
             name=(summary.get("Names") or ["/"])[0].lstrip("/"),
@@ -135,9 +114,18 @@ class Replica:
             oom_killed=False,
             host_port=int(ports[0]["PublicPort"]) if ports else None,
             started_at=_epoch_time(summary.get("Created")),
-            finished_at=None,
-            error=None,
+            ip_address=_ip_address(summary.get("NetworkSettings")) if running else None,
+            container_port=int(ports[0]["PrivatePort"]) if ports else None,
         )
+
+
+def _ip_address(network_settings: dict[str, Any] | None) -> str | None:
+    """The container's address on the first network that gave it one."""
+    settings = network_settings or {}
+    for network in (settings.get("Networks") or {}).values():
+        if (network or {}).get("IPAddress"):
+            return str(network["IPAddress"])
+    return settings.get("IPAddress") or None
 
 
 def _epoch_time(value: int | None) -> str | None:
@@ -266,10 +254,6 @@ class DockerEngine:
             return False
         except docker.errors.APIError as exc:
             raise DockerError(f"cannot inspect image {image}: {exc.explanation}") from None
-
-    def gpu_runtime_available(self) -> bool:
-        info = self._client.info()
-        return "nvidia" in (info.get("Runtimes") or {})
 
     # --- images -------------------------------------------------------------------------
 

@@ -27,3 +27,8 @@ class DstackctlError(Exception):
 
 class UsageError(DstackctlError):
     exit_code = ExitCode.USAGE
+
+
+class NoSuchService(DstackctlError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no service named {name}; `dstackctl ps -a` lists them", ExitCode.FAILED)

@@ -23,7 +23,6 @@ NVIDIA_SMI_VARIABLE = "DSTACKCTL_NVIDIA_SMI"
 QUERY = ["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
 # Sizes cards are sold with, in GB; a reported size rounds up to the next of these.
 SOLD_SIZES_GB = (8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 94, 96, 141, 180, 192)
-_NAME_PREFIXES = ("nvidia ", "tesla ", "geforce ", "quadro ")
 
 
 class GpuError(DstackctlError):
@@ -46,16 +45,6 @@ class Gpu:
             if reported <= size:
                 return size
         return math.ceil(reported)
-
-    @property
-    def short_name(self) -> str:
-        """`NVIDIA A100-SXM4-80GB` -> `A100`, `NVIDIA GeForce RTX 4090` -> `RTX4090`."""
-        name = self.name
-        lowered = name.lower()
-        for prefix in _NAME_PREFIXES:
-            if lowered.startswith(prefix):
-                name, lowered = name[len(prefix) :], lowered[len(prefix) :]
-        return name.split("-")[0].replace(" ", "")
 
     def to_json(self) -> dict[str, object]:
         return {"index": self.index, "uuid": self.uuid, "name": self.name, "memory_gb": self.memory_gb}
@@ -180,7 +169,3 @@ def shortage_message(spec: GpuSpec, gpus: list[Gpu], replicas: int, taken: set[s
     if busy:
         text += f" ({len(busy)} matching in use by other replicas)"
     return text
-
-
-def label_value(gpus: Iterable[Gpu]) -> str:
-    return ",".join(g.uuid for g in gpus)

@@ -5,7 +5,9 @@ probe's streak; anything else (other status, redirect, refused, timeout) resets 
 probe is ready when streak >= ready_after; a replica when all its probes are. Each probe runs
 `interval` after the previous one *ended*. Where we differ from dstack: once a replica is
 ready it leaves rotation only after FAILURES_TO_LEAVE consecutive failures of one probe, and
-comes back when every probe is ready again.
+comes back when every probe is ready again. A replica without probes is ready once a TCP
+connection to its container's own address succeeds (the connect check, retried every
+CONNECT_RETRY_SECONDS until it does).
 """
 
 from __future__ import annotations
@@ -19,12 +21,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import quote
 
 from dstackctl import __version__
-from dstackctl.config.interpolation import interpolate
-from dstackctl.config.models import PROBE_NAMESPACES, ProbeConfig, ServiceConfiguration
+from dstackctl.config.models import ProbeConfig
+from dstackctl.status import ProbeView
 from dstackctl.timeutil import utc_now
 
 USER_AGENT = f"dstackctl/{__version__}"
@@ -33,25 +34,10 @@ STATUS_LINE_CAP_BYTES = 8 * 1024
 _STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})")
 FAILURES_TO_LEAVE = 3
 DEFAULT_WORKERS = 32
-
-
-def resolve_probes(config: ServiceConfiguration, env: dict[str, str]) -> list[ProbeConfig]:
-    """The effective probes with `${{ env.X }}` replaced by the service's env values."""
-    values = {"env": env}
-
-    def expand(text: str) -> str:
-        return interpolate(text, values, PROBE_NAMESPACES)
-
-    return [
-        probe.model_copy(
-            update={
-                "url": expand(probe.url),
-                "headers": [h.model_copy(update={"value": expand(h.value)}) for h in probe.headers],
-                "body": None if probe.body is None else expand(probe.body),
-            }
-        )
-        for probe in config.effective_probes()
-    ]
+CONNECT_RETRY_SECONDS = 0.2
+CONNECT_TIMEOUT_SECONDS = 2.0
+# The scheduler's index of a target's connect check (its probes are 0, 1, ...).
+_CONNECT = -1
 
 
 @dataclass(frozen=True)
@@ -117,6 +103,15 @@ def execute_probe(host: str, port: int, probe: ProbeConfig) -> ProbeResult:
     return ProbeResult(False, status, f"HTTP {status}")
 
 
+def can_connect(host: str, port: int) -> bool:
+    """True when a TCP connection to host:port succeeds: something listens there."""
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS):
+            return True
+    except OSError:
+        return False
+
+
 @dataclass
 class ProbeStatus:
     """What `ps` shows about one probe of one replica."""
@@ -152,17 +147,16 @@ class ProbeStatus:
             self.failure_streak += 1
             self.last_error = result.error
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "success_streak": self.success_streak,
-            "failure_streak": self.failure_streak,
-            "ready_after": self.ready_after,
-            "symbol": self.symbol,
-            "last_checked_at": self.last_checked_at,
-            "last_error": self.last_error,
-            "last_status": self.last_status,
-        }
+    def view(self) -> ProbeView:
+        return ProbeView(
+            url=self.url,
+            ready_after=self.ready_after,
+            success_streak=self.success_streak,
+            failure_streak=self.failure_streak,
+            last_checked_at=self.last_checked_at,
+            last_error=self.last_error,
+            last_status=self.last_status,
+        )
 
 
 @dataclass
@@ -172,6 +166,8 @@ class _Target:
     port: int
     probes: list[ProbeConfig]
     statuses: list[ProbeStatus]
+    address: tuple[str, int] | None = None  # for the connect check of a probe-less replica
+    connected: bool = False
     in_rotation: bool = False
     generation: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -179,7 +175,9 @@ class _Target:
     def update_rotation(self) -> bool:
         """Recompute readiness; returns True when it changed."""
         before = self.in_rotation
-        if all(s.ready for s in self.statuses):
+        if not self.statuses:
+            self.in_rotation = self.connected
+        elif all(s.ready for s in self.statuses):
             self.in_rotation = True
         elif self.in_rotation and any(s.failure_streak >= FAILURES_TO_LEAVE for s in self.statuses):
             self.in_rotation = False
@@ -205,8 +203,10 @@ class ProbeRunner:
         on_change: Callable[[str], None] = lambda _key: None,
         execute: Callable[[str, int, ProbeConfig], ProbeResult] = execute_probe,
         on_sample: Callable[[ProbeSample], None] | None = None,
+        connect: Callable[[str, int], bool] = can_connect,
     ) -> None:
         self._execute = execute
+        self._connect = connect
         self._on_change = on_change
         self._on_sample = on_sample
         self._targets: dict[str, _Target] = {}
@@ -222,17 +222,24 @@ class ProbeRunner:
     # --- registration -------------------------------------------------------------------
 
     def watch(
-        self, key: str, host: str, port: int, probes: list[ProbeConfig], urls: list[str] | None = None
+        self,
+        key: str,
+        host: str,
+        port: int,
+        probes: list[ProbeConfig],
+        urls: list[str] | None = None,
+        address: tuple[str, int] | None = None,
     ) -> None:
         """Start probing a replica now (no initial delay). Re-watching with the same port is a no-op.
 
         `urls` are the probe URLs to report (as written, before `${{ env.X }}` was expanded).
+        Without probes, the replica is ready once a connection to `address` (the container's
+        own IP and port; default host:port) succeeds.
         """
         with self._lock:
             current = self._targets.get(key)
             if current is not None and current.port == port:
                 return
-            generation = (current.generation + 1) if current else 0
             target = _Target(
                 key=key,
                 host=host,
@@ -242,13 +249,13 @@ class ProbeRunner:
                     ProbeStatus(url, p.ready_after, p.until_ready)
                     for p, url in zip(probes, urls or [p.url for p in probes], strict=True)
                 ],
-                generation=generation,
+                address=None if probes else (address or (host, port)),
+                generation=(current.generation + 1) if current else 0,
             )
-            target.update_rotation()  # no probes: in rotation at once
             self._targets[key] = target
             now = time.monotonic()
-            for index in range(len(probes)):
-                heapq.heappush(self._heap, (now, next(self._sequence), key, index, generation))
+            for index in range(len(probes)) if probes else [_CONNECT]:
+                heapq.heappush(self._heap, (now, next(self._sequence), key, index, target.generation))
             self._wakeup.notify()
         self._on_change(key)
 
@@ -260,13 +267,14 @@ class ProbeRunner:
         with self._lock:
             return list(self._targets)
 
-    def snapshot(self, key: str) -> tuple[bool, list[dict[str, Any]]] | None:
+    def snapshot(self, key: str) -> tuple[bool, tuple[ProbeView, ...]] | None:
+        """(in rotation, each probe's view); None for a replica that is not watched."""
         with self._lock:
             target = self._targets.get(key)
         if target is None:
             return None
         with target.lock:
-            return target.in_rotation, [s.to_json() for s in target.statuses]
+            return target.in_rotation, tuple(s.view() for s in target.statuses)
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop scheduling; running probes are abandoned (their threads end with their timeout)."""
@@ -301,6 +309,9 @@ class ProbeRunner:
         started = time.monotonic()
         if self._on_sample is not None:
             self._on_sample(ProbeSample(target.key, index, due, started))
+        if index == _CONNECT:
+            self._check_connect(target)
+            return
         probe = target.probes[index]
         result = self._execute(target.host, target.port, probe)
         with target.lock:
@@ -312,12 +323,24 @@ class ProbeRunner:
             stop_probing = probe.until_ready and status.ready
         if changed:
             self._on_change(target.key)
-        if stop_probing:
+        if not stop_probing:
+            self._schedule_next(target, index, probe.interval)
+
+    def _check_connect(self, target: _Target) -> None:
+        assert target.address is not None
+        if not self._connect(*target.address):
+            self._schedule_next(target, _CONNECT, CONNECT_RETRY_SECONDS)
             return
+        with target.lock:
+            target.connected = True
+            target.update_rotation()
+        self._on_change(target.key)  # connected once is enough: exits are Docker's to report
+
+    def _schedule_next(self, target: _Target, index: int, interval: float) -> None:
         with self._lock:
             if self._targets.get(target.key) is target:
                 entry = (
-                    time.monotonic() + probe.interval,
+                    time.monotonic() + interval,
                     next(self._sequence),
                     target.key,
                     index,

@@ -1,4 +1,5 @@
-"""How dstack turns a service configuration into one replica's container (pure logic)."""
+"""How dstack turns a service configuration into one replica's container (pure logic: no
+docker-py, and the config models only as types)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,24 @@ import json
 import os
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dstackctl.config.models import ServiceConfiguration
-from dstackctl.docker import (
+from dstackctl.labels import (
+    DEFAULT_GROUP,
     LABEL_CONFIG_HASH,
     LABEL_DEPLOYMENT,
     LABEL_GPUS,
-    LABEL_HOME,
+    LABEL_GROUP,
     LABEL_JOB,
     LABEL_REPLICA,
-    LABEL_RUN,
     LABEL_SPEC,
-    ReplicaSpec,
+    service_labels,
 )
+
+if TYPE_CHECKING:
+    from dstackctl.config.models import ServiceConfiguration
 
 BASE_IMAGE = "dstackai/base:0.15-base-ubuntu24.04"
 BASE_IMAGE_DEVEL = "dstackai/base:0.15-devel-ubuntu24.04"
@@ -52,9 +56,28 @@ def config_hash(config_data: Mapping[str, Any], env_values: Mapping[str, str]) -
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def home_label(home: Path) -> str:
-    """Containers of different stores (e.g. test runs) must never be adopted by each other."""
-    return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """Everything needed to create one replica container."""
+
+    name: str
+    image: str
+    labels: dict[str, str]
+    container_port: int
+    entrypoint: list[str] | None = None
+    command: list[str] | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+    working_dir: str | None = None
+    user: str | None = None
+    privileged: bool = False
+    binds: dict[str, dict[str, str]] = field(default_factory=dict)
+    shm_size_bytes: int | None = None
+    mem_limit_bytes: int | None = None
+    nano_cpus: int | None = None
+    gpu_count: int = 0
+    gpu_device_ids: list[str] | None = None
+    stop_grace_seconds: int = 10
+    publish_host: str = "127.0.0.1"
 
 
 def image_of(config: ServiceConfiguration, environ: Mapping[str, str] = os.environ) -> str:
@@ -161,8 +184,8 @@ def build_replica_spec(
         **env_values,
     }
     labels = {
-        LABEL_RUN: run_name,
-        LABEL_HOME: home_label(home),
+        **service_labels(run_name, home),
+        LABEL_GROUP: DEFAULT_GROUP,
         LABEL_REPLICA: str(replica_num),
         LABEL_JOB: "0",
         LABEL_DEPLOYMENT: str(deployment_num),

@@ -20,27 +20,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dstackctl.errors import DstackctlError
+from dstackctl.errors import DstackctlError, NoSuchService
 
 SCHEMA_VERSION = 1
 HOME_VARIABLE = "DSTACKCTL_HOME"
 SPEC, STATE, SECRETS = "spec", "state", "secrets"
 AGENT_LOG = "agent.log"
-# What a container's label keeps of spec.json (everything but rollout bookkeeping).
-SPEC_RECORD_KEYS = (
-    "name",
-    "run_id",
-    "config",
-    "config_file",
-    "config_dir",
-    "config_hash",
-    "deployment_num",
-    "replicas",
-    "submitted_at",
-    "probe_urls",
-    "endpoint_port",
-)
-
 Document = dict[str, Any]
 
 
@@ -77,7 +62,7 @@ class Store:
 
     def service_dir(self, name: str, create: bool = False) -> Path:
         if name in ("", ".", "..") or "/" in name or "\0" in name:  # a NAME argument like ../x
-            raise StoreError(f"no service named {name!r}; `dstackctl ps -a` lists them")
+            raise NoSuchService(repr(name))
         path = self.services / name
         if create:
             _private_dir(self.home)

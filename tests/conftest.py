@@ -94,9 +94,9 @@ def dstack_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     agent still alive) and removes every container labelled with the home's label, whatever
     the test left behind.
     """
+    from dstackctl.agent.process import stop_agent
     from dstackctl.cli.main import run
-    from dstackctl.replica_spec import home_label
-    from dstackctl.runs import stop_agent
+    from dstackctl.labels import home_label
     from dstackctl.store import HOME_VARIABLE, Store
 
     home = tmp_path / "dstackctl-home"

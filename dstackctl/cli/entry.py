@@ -46,8 +46,8 @@ def main() -> None:
         code = run_fast_path(args)
         if code is not None:
             sys.exit(code)
+        from dstackctl.agent.process import fork_agents
         from dstackctl.cli.main import main as typer_main
-        from dstackctl.runs import fork_agents
 
         fork_agents()  # this process is the CLI alone: no other threads, no embedding program
         typer_main(args)

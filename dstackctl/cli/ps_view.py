@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dstackctl.errors import DstackctlError, ExitCode
+from dstackctl.errors import ExitCode, NoSuchService
 
 
 def _err(message: str) -> None:
@@ -21,7 +21,7 @@ def show_runs(name: str | None, all_runs: bool, verbose: bool, wide: bool, as_js
     if name is not None:
         found = view(store, name)
         if found is None:
-            raise DstackctlError(f"no service named {name}; `dstackctl ps -a` lists them")
+            raise NoSuchService(name)
         views = [found]
     else:
         views = all_views(store, include_stopped=all_runs, problems=unreadable)

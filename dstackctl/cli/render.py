@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from dstackctl.runs import RunView
+from dstackctl.status import ReplicaRow
 from dstackctl.timeutil import ago
 
 JSON_VERSION = 1
@@ -16,13 +18,13 @@ def runs_json(views: list[RunView]) -> str:
     return json.dumps({"version": JSON_VERSION, "runs": [v.to_json() for v in views]}, indent=2)
 
 
-def _probe_symbols(replica: dict[str, Any]) -> str:
-    if replica.get("status") != "running":
+def _probe_symbols(replica: ReplicaRow) -> str:
+    if replica.status != "running":
         return ""
-    return "".join(p.get("symbol", "") for p in replica.get("probes") or [])
+    return "".join(p.symbol for p in replica.probes)
 
 
-def gpu_summary(gpus: list[dict[str, Any]]) -> str:
+def gpu_summary(gpus: Iterable[dict[str, Any]]) -> str:
     """`2xA10G (24GB)`; several models are listed one after the other."""
     groups: dict[tuple[str, Any], int] = {}
     for gpu in gpus:
@@ -36,20 +38,19 @@ def gpu_summary(gpus: list[dict[str, Any]]) -> str:
     )
 
 
-def _probe_error(replica: dict[str, Any]) -> str | None:
-    if replica.get("status") != "running":
+def _probe_error(replica: ReplicaRow) -> str | None:
+    if replica.status != "running":
         return None
-    for probe in replica.get("probes") or []:
-        if probe.get("last_error"):
-            return f"probe {probe['url']}: {probe['last_error']}"
+    for probe in replica.probes:
+        if probe.last_error:
+            return f"probe {probe.url}: {probe.last_error}"
     return None
 
 
-def _replica_status(replica: dict[str, Any]) -> str:
-    status = str(replica["status"])
-    if status == "failed" and replica.get("exit_code") is not None:
-        return f"failed (exit {replica['exit_code']})"
-    return status
+def _replica_status(replica: ReplicaRow) -> str:
+    if replica.status == "failed" and replica.exit_code is not None:
+        return f"failed (exit {replica.exit_code})"
+    return replica.status
 
 
 def _clip(text: str | None, wide: bool) -> str:
@@ -68,7 +69,7 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
     tabulate_module.PRESERVE_WHITESPACE = True
 
     headers = ["NAME", "BACKEND", "STATUS", "PROBES", "SUBMITTED", "URL"]
-    with_gpus = verbose and any(r.get("gpus") for run in views for r in run.replicas)
+    with_gpus = verbose and any(r.gpus for run in views for r in run.replicas)
     if with_gpus:
         headers.append("GPU")
     if verbose:
@@ -98,19 +99,18 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
             continue
         for replica in run.replicas:
             line = [
-                f"  replica={replica['replica_num']} job={replica.get('job_num', 0)} "
-                f"deployment={replica.get('deployment_num', run.deployment_num)}",
+                f"  replica={replica.replica_num} job={replica.job_num} deployment={replica.deployment_num}",
                 "local",
                 _replica_status(replica),
                 _probe_symbols(replica),
-                ago(replica.get("submitted_at") or run.submitted_at),
-                replica.get("url") or "",
+                ago(replica.submitted_at or run.submitted_at),
+                replica.url or "",
             ]
             if with_gpus:
-                line.append(gpu_summary(replica.get("gpus") or []))
-            line.append(_clip(replica.get("message") or _probe_error(replica), wide))
+                line.append(gpu_summary(replica.gpus))
+            line.append(_clip(replica.message or _probe_error(replica), wide))
             if wide:
-                line.append((replica.get("container_id") or "")[:12])
+                line.append((replica.container_id or "")[:12])
             rows.append(line)
     if not rows:
         return "No services. Start one with `dstackctl run -f FILE`."

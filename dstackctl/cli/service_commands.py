@@ -11,11 +11,11 @@ import typer
 
 from dstackctl.cli import gc_policy
 from dstackctl.cli.output import warn
-from dstackctl.errors import DstackctlError, ExitCode, UsageError
+from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
 
 if TYPE_CHECKING:
     from dstackctl.runs import RunView
-    from dstackctl.services import Outcome
+    from dstackctl.waiting import Outcome
 
 DEFAULT_TIMEOUT = "10m"
 
@@ -52,9 +52,6 @@ def run(
     port: int | None = typer.Option(
         None, "--port", min=1, max=65535, help="Port of the service endpoint on 127.0.0.1."
     ),
-    yes: bool = typer.Option(
-        False, "-y", "--yes", help="Do not ask for confirmation (dstack compatibility)."
-    ),
 ) -> int:
     """Start a service: its replicas as containers behind one endpoint, kept by a background agent.
 
@@ -64,8 +61,9 @@ def run(
     rollout was rolled back, 2 invalid configuration, 3 not ready within --timeout.
     """
     from dstackctl.config.loader import load_service_file
-    from dstackctl.services import parse_env_overrides, run_name, submit, wait_ready
+    from dstackctl.deploy import parse_env_overrides, run_name, submit
     from dstackctl.store import Store
+    from dstackctl.waiting import wait_ready
 
     if config_arg and config_opt:
         raise UsageError("give the config file once: either CONFIG or -f CONFIG")
@@ -81,8 +79,8 @@ def run(
     overrides = parse_env_overrides(env, os.environ)
     env_values = {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
     service = run_name(loaded, name)
+    from dstackctl.deploy import endpoint_port, gpu_plan
     from dstackctl.docker import DockerEngine
-    from dstackctl.services import endpoint_port, gpu_plan
 
     if dry_run:
         try:
@@ -105,7 +103,7 @@ def run(
         typer.echo(f"{service}: rolling update to deployment {submitted.deployment_num}.", err=True)
         if no_wait:
             return ExitCode.OK
-        return _wait_rollout(store, service, seconds, submitted.deployment_num)
+        return _wait_rollout(store, service, seconds, submitted.deployment_num, loaded.config.replicas)
     if submitted.outcome == "unchanged":
         typer.echo(f"{service} is already running with this configuration.")
         if not detach:
@@ -141,20 +139,22 @@ def _warn_if_port_changes(spec: dict[str, Any], wanted: int) -> None:
         )
 
 
-def _wait_rollout(store: Any, service: str, seconds: int, deployment_num: int) -> int:
-    from dstackctl.services import wait_rollout
+def _wait_rollout(store: Any, service: str, seconds: int, deployment_num: int, replicas: int) -> int:
+    from dstackctl.deploy import forget_previous_env
+    from dstackctl.waiting import wait_rollout
 
-    spec_replicas = int((store.read(service, "spec") or {}).get("replicas", 1))
     # Each new replica has `seconds` to get ready; the rollback is bounded the same way.
-    overall = seconds * (2 * spec_replicas + 2)
+    overall = seconds * (2 * replicas + 2)
     try:
-        outcome = wait_rollout(store, service, overall, _Progress().show)
+        outcome = wait_rollout(store, service, deployment_num, overall, _Progress().show)
     except KeyboardInterrupt:
         typer.echo(
             f"Interrupted; the agent carries on with the rollout of {service} (`dstackctl ps -v {service}`).",
             err=True,
         )
         return ExitCode.INTERRUPTED
+    if outcome.exit_code == ExitCode.OK:
+        forget_previous_env(store, service)
     _report(outcome)
     return ExitCode.OK
 
@@ -179,28 +179,31 @@ def redeploy(
     is not ready within --timeout, the rollout is rolled back and the command exits 1.
     """
     from dstackctl.config.loader import load_service_file
-    from dstackctl.services import (
-        NoSuchService,
+    from dstackctl.deploy import (
         Release,
         current_release,
         endpoint_port,
         parse_env_overrides,
+        serving,
         start_rollout,
         submit,
     )
+    from dstackctl.spec_document import SpecDocument
     from dstackctl.store import Store
 
     seconds = _parse_timeout(timeout)
     store = Store()
-    spec = store.read(name, "spec")
-    if spec is None:
+    data = store.read(name, "spec")
+    if data is None:
         raise NoSuchService(name)
-    if spec.get("desired") != "running":
+    spec = SpecDocument.from_json(data)
+    if not spec.running:
         raise DstackctlError(f"{name} is stopped; start it with `dstackctl run -f FILE`")
     if config is None:
         if env:
             raise UsageError("-e needs -f: give the config file the new values belong to")
-        number = start_rollout(store, name, current_release(store, name), seconds)
+        release = current_release(store, name)
+        number = start_rollout(store, name, release, seconds)
     else:
         loaded = load_service_file(config)
         for issue in loaded.warnings:
@@ -208,9 +211,10 @@ def redeploy(
         overrides = parse_env_overrides(env, os.environ)
         env_values = {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
         release = Release.of(loaded, env_values)
-        _warn_if_port_changes(spec, endpoint_port(loaded, None))
-        if release.config_hash == spec.get("config_hash"):
-            if release.replicas == spec.get("replicas"):
+        _warn_if_port_changes(data, endpoint_port(loaded, None))
+        now = serving(store, name, spec).record
+        if release.config_hash == now.config_hash:
+            if release.replicas == now.replicas:
                 number = start_rollout(store, name, release, seconds)  # same config: restart
             else:
                 submit(store, loaded, name, env_values, None, seconds)
@@ -221,11 +225,11 @@ def redeploy(
     typer.echo(f"{name}: rolling update to deployment {number}.", err=True)
     if no_wait:
         return ExitCode.OK
-    return _wait_rollout(store, name, seconds, number)
+    return _wait_rollout(store, name, seconds, number, release.replicas)
 
 
 def _wait_scaled(store: Any, service: str, seconds: int) -> int:
-    from dstackctl.services import wait_ready
+    from dstackctl.waiting import wait_ready
 
     outcome = wait_ready(store, service, seconds, _Progress().show)
     _report(outcome)
@@ -244,7 +248,7 @@ def _urls(view: RunView | None) -> str:
         return ""
     if view.url:
         return f": {view.url}"
-    urls = [r["url"] for r in view.replicas if r.get("url")]
+    urls = [r.url for r in view.replicas if r.url]
     return f": {', '.join(urls)}" if urls else ""
 
 
@@ -256,14 +260,12 @@ class _Progress:
         gc_policy.resume_for_a_long_run()  # it shows a wait of seconds to minutes
 
     def show(self, view: RunView) -> None:
-        from dstackctl.services import describe_replica
-
-        several = len({r.get("deployment_num") for r in view.replicas}) > 1
+        several = len({r.deployment_num for r in view.replicas}) > 1
         for replica in view.replicas:
-            key = (replica["replica_num"], replica.get("deployment_num", 0))
-            text = describe_replica(replica)
-            if replica.get("ready"):
-                text = f"replica={key[0]} ready on {replica.get('url')}"
+            key = (replica.replica_num, replica.deployment_num)
+            text = replica.describe()
+            if replica.ready:
+                text = f"replica={key[0]} ready on {replica.url}"
             if several:
                 text = text.replace(f"replica={key[0]} ", f"replica={key[0]} deployment={key[1]} ", 1)
             if self._last.get(key) == text:
@@ -273,7 +275,7 @@ class _Progress:
 
 
 def _attach(store: Any, service: str, engine: Any) -> int:
-    from dstackctl.services import iter_logs, log_sources
+    from dstackctl.replica_logs import iter_logs, log_sources
 
     typer.echo(f"Showing the logs of {service}; Ctrl-C detaches (the service keeps running).", err=True)
     try:
@@ -348,15 +350,15 @@ def stop(
     from concurrent.futures import ThreadPoolExecutor
 
     from dstackctl.docker import DockerEngine
-    from dstackctl.runs import all_views
-    from dstackctl.services import NoSuchService, stop_service
+    from dstackctl.lifecycle import stop_service
+    from dstackctl.runs import running_names
     from dstackctl.store import Store
 
     if all_services and names:
         raise UsageError("give service names or --all, not both")
     store = Store()
     if all_services:
-        names = [v.name for v in all_views(store, include_stopped=False)]
+        names = running_names(store)
         if not names:
             typer.echo("No running services.")
             return ExitCode.OK
@@ -395,7 +397,7 @@ def logs(
 ) -> int:
     """Print the logs of a service's replicas (prefixed with `replica=N |` when several)."""
     from dstackctl.docker import DockerEngine
-    from dstackctl.services import NoSuchService, iter_logs, log_sources
+    from dstackctl.replica_logs import iter_logs, log_sources
     from dstackctl.store import Store
 
     if tail is not None and tail < 0:
@@ -412,7 +414,7 @@ def logs(
 def recover(name: str = typer.Argument(..., help="Service name.")) -> int:
     """Rebuild a service's lost or corrupt record from its containers' labels, restart its agent."""
     from dstackctl.docker import DockerEngine
-    from dstackctl.services import recover_service
+    from dstackctl.lifecycle import recover_service
     from dstackctl.store import Store
 
     container, deployment = recover_service(Store(), name, DockerEngine.connect())

@@ -16,7 +16,6 @@ from dstackctl.config.interpolation import interpolate, references
 from dstackctl.config.issues import ConfigError, Issue, Loc, dotted
 from dstackctl.config.models import (
     IGNORED_FIELDS,
-    PROBE_NAMESPACES,
     SECRET_NAMESPACES,
     ProbeConfig,
     ServiceConfiguration,
@@ -75,40 +74,6 @@ class LoadedConfig:
         if problems:
             raise ConfigError(problems)
         return resolved
-
-    def resolve_probes(self, env: Mapping[str, str]) -> list[ProbeConfig]:
-        """The effective probes with `${{ env.X }}` replaced by the service's env values.
-
-        Raises ConfigError naming every variable that `env` lacks.
-        """
-        values = {"env": env}
-        problems: list[Issue] = []
-
-        def expand(loc: Loc, text: str) -> str:
-            try:
-                return interpolate(text, values, PROBE_NAMESPACES)
-            except KeyError as exc:
-                problems.append(self.issue(loc, f"{exc.args[0]} has no value: {exc.args[0].name} is not set"))
-                return text
-
-        result = []
-        for index, probe in enumerate(self.config.effective_probes()):
-            where: Loc = ("probes", index)
-            result.append(
-                probe.model_copy(
-                    update={
-                        "url": expand((*where, "url"), probe.url),
-                        "headers": [
-                            h.model_copy(update={"value": expand((*where, "headers", i, "value"), h.value)})
-                            for i, h in enumerate(probe.headers)
-                        ],
-                        "body": None if probe.body is None else expand((*where, "body"), probe.body),
-                    }
-                )
-            )
-        if problems:
-            raise ConfigError(problems)
-        return result
 
 
 def load_service_file(path: str | Path) -> LoadedConfig:

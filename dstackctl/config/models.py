@@ -363,7 +363,7 @@ def _python_version(value: object) -> object:
     return value
 
 
-def _check_run_name(name: str) -> str:
+def check_run_name(name: str) -> str:
     if not RUN_NAME.match(name):
         raise ValueError(
             f"{name!r} is not a valid run name: 2 to 41 characters, lower-case letters, digits "
@@ -426,7 +426,7 @@ class ServiceConfiguration(Strict):
     """A dstack service: replicas of one container behind one endpoint, gated by probes."""
 
     type: Literal["service"] = Field(description="Always `service`.")
-    name: Annotated[str, AfterValidator(_check_run_name)] | None = Field(
+    name: Annotated[str, AfterValidator(check_run_name)] | None = Field(
         None, description="The run name (default: the file name or `-n`)."
     )
     image: str | None = Field(None, min_length=1, description="Docker image of the replicas.")

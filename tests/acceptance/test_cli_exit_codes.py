@@ -22,8 +22,10 @@ import pytest
 import requests
 from helpers import wait_until, write_service
 
-from dstackctl.replica_spec import home_label
+from dstackctl.labels import home_label
 from dstackctl.store import Store
+
+pytestmark = pytest.mark.slow
 
 HTTPD = "httpd -f -p 8000 -h /www"
 NO_DOCKER = "unix:///nonexistent.sock"

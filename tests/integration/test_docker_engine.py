@@ -14,7 +14,7 @@ import pytest
 import requests
 from helpers import wait_until
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 RUN_LABEL = "pytest-engine"
 HTTP_TIMEOUT = 5.0

@@ -20,10 +20,10 @@ import pytest
 import requests
 from helpers import cli, ps_run, wait_until, write_service
 
+from dstackctl.labels import home_label
 from dstackctl.netutil import port_is_free
-from dstackctl.replica_spec import home_label
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 HTTPD = "httpd -f -p 8000 -h /www"
 WAIT = 30.0  # generous upper bound for anything the agent does on a 2-core machine

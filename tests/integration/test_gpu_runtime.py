@@ -11,7 +11,9 @@ import pytest
 from helpers import write_service
 
 from dstackctl.cli.main import run
-from dstackctl.replica_spec import home_label
+from dstackctl.labels import home_label
+
+pytestmark = pytest.mark.slow
 
 FAKE_SMI = """#!/bin/sh
 echo "0, GPU-11111111-aaaa, NVIDIA A10G, 23028"

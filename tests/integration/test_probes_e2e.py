@@ -20,7 +20,7 @@ from helpers import cli, ps_run, wait_until, write_service
 
 from dstackctl.store import Store
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 HTTPD = "httpd -f -p 8000 -h /www"
 WAIT = 30.0  # generous upper bound for anything the agent does on a 2-core machine

@@ -19,10 +19,10 @@ import pytest
 import requests
 from helpers import cli, ps_run, wait_until, write_service
 
-from dstackctl.replica_spec import home_label
+from dstackctl.labels import home_label
 from dstackctl.store import Store
 
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 HTTPD = "httpd -f -p 8000 -h /www"
 HTTP_TIMEOUT = 5.0

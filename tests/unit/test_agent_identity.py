@@ -68,6 +68,7 @@ def test_a_recorded_pid_that_now_belongs_to_another_process_is_not_taken(
     assert Store(tmp_path).agent_holder(NAME) is None
 
 
+@pytest.mark.slow
 def test_a_second_agent_is_refused_and_leaves_the_record_of_the_first(
     tmp_path: Path, holder: subprocess.Popen[str]
 ) -> None:

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,7 @@ from dstackctl.cli.main import run
 from dstackctl.config import models
 from dstackctl.config.issues import ConfigError
 from dstackctl.config.loader import LoadedConfig, parse_service
+from dstackctl.config.probe_values import resolve_probes
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = {path.name: path.read_text() for path in sorted((REPO / "samples").glob("*.yml"))}
@@ -88,7 +90,7 @@ def check_loaded(loaded: LoadedConfig) -> None:
     except ConfigError as exc:  # a ${{ secrets.NAME }} of a name not in environ
         check_error(exc)
         return
-    loaded.resolve_probes(env)
+    resolve_probes(loaded.config, env, loaded.issue)
 
 
 def check_error(exc: ConfigError) -> None:
@@ -186,6 +188,7 @@ plausible_services = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @LOADER
 @given(plausible_services)
 def test_plausible_services(data: dict[str, Any]) -> None:
@@ -196,18 +199,21 @@ def dump(data: Any) -> str:
     return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
 
 
+@pytest.mark.slow
 @LOADER
 @given(documents)
 def test_random_yaml_documents(data: Any) -> None:
     load(dump(data))
 
 
+@pytest.mark.slow
 @LOADER
 @given(services)
 def test_random_services(data: dict[str, Any]) -> None:
     load(dump(data))
 
 
+@pytest.mark.slow
 @LOADER
 @given(st.builds(lambda probes: {"type": "service", "port": 8000, "probes": probes}, values))
 def test_random_probes(data: dict[str, Any]) -> None:
@@ -220,6 +226,7 @@ def test_random_bytes(raw: bytes) -> None:
     load(raw)
 
 
+@pytest.mark.slow
 @LOADER
 @given(st.text(max_size=300))
 def test_random_text(text: str) -> None:
@@ -322,6 +329,7 @@ def mutated_sample(draw: st.DrawFn) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 @LOADER
 @given(mutated_sample())
 def test_mutated_samples(text: str) -> None:
@@ -373,6 +381,7 @@ def test_cli_on_mutated_samples(text: str, check_env: bool) -> None:
     check_cli(text.encode(), check_env)
 
 
+@pytest.mark.slow
 @CLI
 @given(services | documents, st.booleans())
 def test_cli_on_random_documents(data: Any, check_env: bool) -> None:

@@ -156,6 +156,7 @@ def test_python_tags_are_refused_not_run() -> None:
     assert "could not determine a constructor" in message
 
 
+@pytest.mark.slow
 def test_a_huge_number_of_keys_is_refused() -> None:
     text = HEAD + "tags: [" + "1," * 50_001 + "]\n"
     assert "more than 50000 values" in timed(5, text)

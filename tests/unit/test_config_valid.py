@@ -19,6 +19,7 @@ from dstackctl.config.gpu import GpuSpec
 from dstackctl.config.issues import ConfigError
 from dstackctl.config.loader import LoadedConfig, load_service_file, parse_service
 from dstackctl.config.models import ServiceConfiguration
+from dstackctl.config.probe_values import resolve_probes
 from dstackctl.config.units import Range
 
 REPO = Path(__file__).resolve().parents[2]
@@ -173,7 +174,7 @@ def test_seed_advanced_probe_parses_to_exactly_the_values_it_states() -> None:
     assert probe.timeout == 20
     assert (probe.interval, probe.ready_after, probe.until_ready) == (15, 1, False)
 
-    [resolved] = loaded.resolve_probes(loaded.resolve_env({"PROBES_API_KEY": "k-123"}))
+    [resolved] = resolve_probes(loaded.config, loaded.resolve_env({"PROBES_API_KEY": "k-123"}), loaded.issue)
     assert [(h.name, h.value) for h in resolved.headers] == [
         ("X-API-Key", "k-123"),
         ("Content-Type", "application/json"),
@@ -657,7 +658,7 @@ def test_resolve_probes_interpolates_url_headers_and_body() -> None:
             body: '{"key": "${{ env.KEY }}", "price": "$$1"}'
         """
     )
-    [probe] = loaded.resolve_probes(loaded.resolve_env({"KEY": "k"}))
+    [probe] = resolve_probes(loaded.config, loaded.resolve_env({"KEY": "k"}), loaded.issue)
     assert probe.url == "/v1/health?cost=$5"
     assert probe.headers[0].value == "k"
     assert probe.body == '{"key": "k", "price": "$1"}'
@@ -672,7 +673,7 @@ def test_resolve_probes_names_a_variable_missing_from_the_values_given() -> None
         "  - type: http\n    headers:\n      - name: X-Key\n        value: ${{ env.KEY }}\n"
     )
     with pytest.raises(ConfigError) as exc:
-        loaded.resolve_probes({})
+        resolve_probes(loaded.config, {}, loaded.issue)
     [issue] = exc.value.issues
     assert (issue.line, issue.path) == (8, "probes[0].headers[0].value")
     assert "KEY" in issue.message

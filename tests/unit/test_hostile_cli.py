@@ -187,6 +187,7 @@ def check(argv: list[str], home: Path) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow
 @settings(
     max_examples=3000,
     deadline=None,
@@ -212,6 +213,7 @@ ps_tails = st.lists(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=1000,
     deadline=None,
@@ -401,7 +403,11 @@ HOSTILE = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(HOSTILE))
+@pytest.mark.parametrize(
+    "case",
+    # many-values takes seconds: the fast loop (-m "not slow") leaves it out
+    [pytest.param(c, marks=pytest.mark.slow) if c == "many-values" else c for c in sorted(HOSTILE)],
+)
 def test_hostile_files_are_refused_within_bounded_time_and_memory(tmp_path: Path, case: str) -> None:
     path, content, code, fragment = HOSTILE[case](tmp_path)
     if isinstance(content, str):

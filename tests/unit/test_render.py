@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from dstackctl.cli.render import runs_table
 from dstackctl.runs import RunView
+from dstackctl.spec_document import DeploymentRecord, SpecDocument
+from dstackctl.status import ObservedState, ProbeView, ReplicaRow
+
+# success streaks that give each symbol with ready_after=2
+_STREAK = {"✓": 2, "~": 1, "×": 0}
 
 
-def _view(replicas: list[dict[str, Any]]) -> RunView:
+def _view(replicas: list[ReplicaRow]) -> RunView:
     return RunView(
         name="llama31",
         status="running",
@@ -18,17 +21,19 @@ def _view(replicas: list[dict[str, Any]]) -> RunView:
         replicas=replicas,
         desired="running",
         agent_alive=True,
+        spec=SpecDocument("llama31", "r1", DeploymentRecord(2, "h", len(replicas), {})),
+        observed=ObservedState("llama31", "r1", replicas=tuple(replicas)),
     )
 
 
-def _replica(num: int, symbols: list[str]) -> dict[str, Any]:
-    return {
-        "replica_num": num,
-        "deployment_num": 2,
-        "status": "running",
-        "url": f"http://127.0.0.1:3300{num}",
-        "probes": [{"url": "/health", "symbol": s} for s in symbols],
-    }
+def _replica(num: int, symbols: list[str]) -> ReplicaRow:
+    return ReplicaRow(
+        replica_num=num,
+        deployment_num=2,
+        status="running",
+        url=f"http://127.0.0.1:3300{num}",
+        probes=tuple(ProbeView("/health", 2, success_streak=_STREAK[s]) for s in symbols),
+    )
 
 
 def test_verbose_rows_keep_the_replicas_indented_under_their_run() -> None:

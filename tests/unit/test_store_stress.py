@@ -173,6 +173,7 @@ def current_n(store: Store) -> int:
     return int(document["n"]) if document else 0
 
 
+@pytest.mark.slow
 def test_a_write_killed_by_sigkill_leaves_the_previous_state_readable(tmp_path: Path) -> None:
     home = tmp_path / "home"
     store = Store(home)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dstackctl.rollout import Observed, Target, plan
+from dstackctl.agent.rollout_plan import Observed, Target, plan
 
 
 def _r(key: str, num: int, dep: int, *, ready: bool = True, failed: bool = False) -> Observed:

@@ -1,0 +1,5 @@
+import sys
+
+from dstackctl.agent.process import main
+
+sys.exit(main())

@@ -1,0 +1,92 @@
+"""Repairs of what a crash or an outage left (pure: the agent carries them out).
+
+- a container `created` but never started (its agent died in between) is removed;
+- a replica stopped while Docker was away (a Docker restart) is started again;
+- a replica that exited, or that hangs (a probe failed HUNG_FAILURES times in a row, twice
+  what takes it out of rotation), is replaced when the service's `retry` covers `error`,
+  within `retry.duration` of its first failure, and no rollout is under way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from dstackctl.agent.phases import EXITED_STATES, LIVE_STATES, ReplicaState
+from dstackctl.probes import FAILURES_TO_LEAVE
+
+HUNG_FAILURES = 2 * FAILURES_TO_LEAVE
+
+
+class Repair(str, Enum):
+    REMOVE = "remove"
+    START = "start"
+    REPLACE = "replace"
+
+
+@dataclass(frozen=True)
+class Action:
+    repair: Repair
+    container_id: str
+    replica: ReplicaState
+    reason: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The part of dstack's `retry` that applies on one machine: replace replicas on `error`."""
+
+    on_error: bool
+    duration: float | None  # seconds since the replica's first failure; None: forever
+
+
+def hung(replica: ReplicaState) -> bool:
+    container = replica.container
+    return bool(
+        container is not None
+        and container.docker_status in LIVE_STATES
+        and not replica.in_rotation
+        and replica.failure_streak() >= HUNG_FAILURES
+    )
+
+
+def failure_reason(replica: ReplicaState) -> str:
+    container = replica.container
+    assert container is not None
+    if container.docker_status in LIVE_STATES:
+        return "stopped answering its probes"
+    if container.oom_killed:
+        return "ran out of memory"
+    return f"exited with code {container.exit_code}"
+
+
+def plan_repairs(
+    replicas: list[ReplicaState],
+    target: tuple[int, str],
+    retry: RetryPolicy | None,
+    rolling: bool,
+    stopped_by_outage: set[str],
+    failing_for: dict[tuple[int, int], float],
+) -> list[Action]:
+    """What to repair now. `failing_for` is how long each (replica, deployment) has been failing."""
+    actions = []
+    for replica in replicas:
+        container = replica.container
+        if container is None:
+            continue
+        status = container.docker_status
+        if status == "created":
+            actions.append(Action(Repair.REMOVE, container.id, replica, "created but never started"))
+        elif status in EXITED_STATES and container.id in stopped_by_outage:
+            actions.append(Action(Repair.START, container.id, replica, "it stopped while Docker was away"))
+        elif (
+            (status in EXITED_STATES or hung(replica))
+            and retry is not None
+            and retry.on_error
+            and not rolling
+            and (replica.key.deployment_num, container.config_hash) == target
+        ):
+            seconds = failing_for.get((replica.key.replica_num, replica.key.deployment_num), 0.0)
+            if retry.duration is None or seconds <= retry.duration:
+                actions.append(Action(Repair.REPLACE, container.id, replica, failure_reason(replica)))
+    return actions
