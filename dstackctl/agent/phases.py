@@ -20,8 +20,12 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from dstackctl.status import ProbeView
+
+if TYPE_CHECKING:
+    from dstackctl.docker import Replica
 
 LIVE_STATES = ("running", "paused")
 EXITED_STATES = ("exited", "dead")
@@ -258,3 +262,21 @@ def _next_phase(before: ReplicaState, container: Container) -> Phase:
             return Phase.STARTING  # started again (after a Docker restart)
         return before.phase
     return Phase.PROVISIONING  # created, restarting
+
+
+def key_of(replica: Replica) -> ReplicaKey:
+    return ReplicaKey(replica.group, replica.replica_num, replica.deployment_num)
+
+
+def container_of(replica: Replica) -> Container:
+    return Container(
+        id=replica.id,
+        name=replica.name,
+        docker_status=replica.status,
+        config_hash=replica.config_hash,
+        host_port=replica.host_port,
+        started_at=replica.started_at,
+        exit_code=replica.exit_code,
+        oom_killed=replica.oom_killed,
+        gpu_uuids=tuple(replica.gpu_uuids),
+    )

@@ -20,7 +20,15 @@ from typing import Any
 
 from dstackctl.agent.desired import Deployment, Desired, DesiredReader
 from dstackctl.agent.endpoint_host import EndpointHost
-from dstackctl.agent.phases import EXITED_STATES, LIVE_STATES, Container, Phase, ReplicaBook, ReplicaKey
+from dstackctl.agent.phases import (
+    EXITED_STATES,
+    LIVE_STATES,
+    Phase,
+    ReplicaBook,
+    ReplicaKey,
+    container_of,
+    key_of,
+)
 from dstackctl.agent.provisioning import Provisioner
 from dstackctl.agent.publishing import Facts, StatusPublisher
 from dstackctl.agent.recovery import Action, Repair, RetryPolicy, hung, plan_repairs
@@ -198,7 +206,7 @@ class ServiceAgent:
             **{c.id: now for c in self._containers if c.status == "running"},
         }
         for replica in self._containers:
-            self.book.observe(_key_of(replica), _container_of(replica))
+            self.book.observe(key_of(replica), container_of(replica))
             # The runner reports changes of symbol, error or rotation only; hang detection
             # needs every failure counted, so take a fresh look each round.
             self._probe_changed(replica.id)
@@ -357,7 +365,7 @@ class ServiceAgent:
         self._containers = [*self._containers, *created]
         for replica in created:
             self._seen_running[replica.id] = time.monotonic()
-            self.book.observe(_key_of(replica), _container_of(replica))
+            self.book.observe(key_of(replica), container_of(replica))
         self._watch_probes(desired, target)
 
     # --- what rows and rollouts need ----------------------------------------------------
@@ -383,21 +391,3 @@ class ServiceAgent:
         if row is None:
             return "a new replica", ""
         return f"replica={row.replica_num}", f": {row.describe_probes('probe ') or row.message or row.status}"
-
-
-def _key_of(replica: Replica) -> ReplicaKey:
-    return ReplicaKey(replica.group, replica.replica_num, replica.deployment_num)
-
-
-def _container_of(replica: Replica) -> Container:
-    return Container(
-        id=replica.id,
-        name=replica.name,
-        docker_status=replica.status,
-        config_hash=replica.config_hash,
-        host_port=replica.host_port,
-        started_at=replica.started_at,
-        exit_code=replica.exit_code,
-        oom_killed=replica.oom_killed,
-        gpu_uuids=tuple(replica.gpu_uuids),
-    )
