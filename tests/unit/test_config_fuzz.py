@@ -336,6 +336,7 @@ def test_mutated_samples(text: str) -> None:
     load(text)
 
 
+@pytest.mark.slow
 def test_the_mutation_strategy_reaches_valid_and_invalid_files() -> None:
     """Guards the fuzzer itself: mutations must produce both outcomes, or they test little."""
     outcomes: set[str] = set()

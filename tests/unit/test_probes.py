@@ -268,7 +268,7 @@ def test_forget_stops_probing_and_close_is_fast() -> None:
     wait_until(lambda: script.calls[1] and script.calls[2], 5, "both probed")
     runner.forget("a")
     count, b_count = len(script.calls[1]), len(script.calls[2])
-    # b is probed three more times: a, had it not been forgotten, twice or more meanwhile
+    # three more probes of b: a, were it still watched, would have been probed again meanwhile
     wait_until(lambda: len(script.calls[2]) >= b_count + 3, 10, "b keeps being probed")
     assert len(script.calls[1]) <= count + 1  # at most the probe already under way
     runner.close()
