@@ -103,8 +103,8 @@ def build_store(home: Path, services: int, replicas: int, seed: int = 1) -> None
                 "rollout": None,
             },
         )
-        # agent._rows: agent._empty_row updated by _describe for a running replica whose probe
-        # (probes.ProbeStatus.to_json) is ready
+        # status.ReplicaRow.to_json of a running replica whose probe (status.ProbeView) is
+        # ready, as agent/publishing.py writes it
         started = _iso(submitted + timedelta(seconds=1))
         rows = []
         for num in range(replicas):

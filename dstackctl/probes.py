@@ -112,51 +112,20 @@ def can_connect(host: str, port: int) -> bool:
         return False
 
 
-@dataclass
-class ProbeStatus:
-    """What `ps` shows about one probe of one replica."""
-
-    url: str
-    ready_after: int
-    until_ready: bool
-    success_streak: int = 0
-    failure_streak: int = 0
-    last_checked_at: str | None = None
-    last_error: str | None = None
-    last_status: int | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.success_streak >= self.ready_after
-
-    @property
-    def symbol(self) -> str:
-        if self.ready:
-            return "✓"
-        return "~" if self.success_streak > 0 else "×"
-
-    def record(self, result: ProbeResult) -> None:
-        self.last_checked_at = utc_now()
-        self.last_status = result.status
-        if result.ok:
-            self.success_streak += 1
-            self.failure_streak = 0
-            self.last_error = None
-        else:
-            self.success_streak = 0
-            self.failure_streak += 1
-            self.last_error = result.error
-
-    def view(self) -> ProbeView:
-        return ProbeView(
-            url=self.url,
-            ready_after=self.ready_after,
-            success_streak=self.success_streak,
-            failure_streak=self.failure_streak,
-            last_checked_at=self.last_checked_at,
-            last_error=self.last_error,
-            last_status=self.last_status,
-        )
+def recorded(probe: ProbeView, result: ProbeResult) -> ProbeView:
+    """`probe` after one more check: a success adds to the streak, a failure resets it."""
+    if result.ok:
+        streaks = {"success_streak": probe.success_streak + 1, "failure_streak": 0}
+    else:
+        streaks = {"success_streak": 0, "failure_streak": probe.failure_streak + 1}
+    return ProbeView(
+        url=probe.url,
+        ready_after=probe.ready_after,
+        last_checked_at=utc_now(),
+        last_error=None if result.ok else result.error,
+        last_status=result.status,
+        **streaks,
+    )
 
 
 @dataclass
@@ -165,7 +134,7 @@ class _Target:
     host: str
     port: int
     probes: list[ProbeConfig]
-    statuses: list[ProbeStatus]
+    statuses: list[ProbeView]
     address: tuple[str, int] | None = None  # for the connect check of a probe-less replica
     connected: bool = False
     in_rotation: bool = False
@@ -246,7 +215,7 @@ class ProbeRunner:
                 port=port,
                 probes=probes,
                 statuses=[
-                    ProbeStatus(url, p.ready_after, p.until_ready)
+                    ProbeView(url, p.ready_after)
                     for p, url in zip(probes, urls or [p.url for p in probes], strict=True)
                 ],
                 address=None if probes else (address or (host, port)),
@@ -274,7 +243,7 @@ class ProbeRunner:
         if target is None:
             return None
         with target.lock:
-            return target.in_rotation, tuple(s.view() for s in target.statuses)
+            return target.in_rotation, tuple(target.statuses)
 
     def close(self, timeout: float = 1.0) -> None:
         """Stop scheduling; running probes are abandoned (their threads end with their timeout)."""
@@ -315,11 +284,11 @@ class ProbeRunner:
         probe = target.probes[index]
         result = self._execute(target.host, target.port, probe)
         with target.lock:
-            status = target.statuses[index]
-            before = (status.symbol, status.last_error, target.in_rotation)
-            status.record(result)
+            previous, was_in_rotation = target.statuses[index], target.in_rotation
+            status = target.statuses[index] = recorded(previous, result)
             target.update_rotation()
-            changed = before != (status.symbol, status.last_error, target.in_rotation)
+            shown_before = (previous.symbol, previous.last_error, was_in_rotation)
+            changed = shown_before != (status.symbol, status.last_error, target.in_rotation)
             stop_probing = probe.until_ready and status.ready
         if changed:
             self._on_change(target.key)

@@ -20,9 +20,10 @@ from dstackctl.probes import (
     USER_AGENT,
     ProbeResult,
     ProbeRunner,
-    ProbeStatus,
     execute_probe,
+    recorded,
 )
+from dstackctl.status import ProbeView
 
 SLOW_ANSWER_SECONDS = 5.0  # /slow answers this late: far past the probe timeouts used here
 
@@ -131,10 +132,10 @@ def test_large_body_is_read_only_up_to_the_cap(server: int) -> None:
 
 
 def test_streak_and_symbols() -> None:
-    status = ProbeStatus("/h", ready_after=3, until_ready=False)
+    status = ProbeView("/h", ready_after=3)
     symbols = []
     for ok in (False, True, True, True, False, True):
-        status.record(ProbeResult(ok, 200 if ok else 503, None if ok else "HTTP 503"))
+        status = recorded(status, ProbeResult(ok, 200 if ok else 503, None if ok else "HTTP 503"))
         symbols.append(status.symbol)
     assert symbols == ["×", "~", "~", "✓", "×", "~"]
     assert status.success_streak == 1
