@@ -37,6 +37,24 @@ def wait_ready(
     poll: float = 0.02,
 ) -> Outcome:
     """Wait until every replica is running and ready, one fails, the agent dies, or time runs out."""
+
+    def timed_out(current: RunView) -> Outcome:
+        return Outcome(ExitCode.NOT_READY, _timeout_message(name, current, timeout), current)
+
+    return _wait(store, name, timeout, lambda current: _readiness(name, current), timed_out, on_change, poll)
+
+
+def _wait(
+    store: Store,
+    name: str,
+    timeout: float,
+    verdict: Callable[[RunView], Outcome | None],
+    timed_out: Callable[[RunView], Outcome],
+    on_change: Callable[[RunView], None],
+    poll: float,
+) -> Outcome:
+    """Poll the service's view until `verdict` gives an outcome, its agent has exited, or
+    `timeout` seconds have passed; `on_change` sees each view that differs from the last."""
     deadline = time.monotonic() + timeout
     agent_grace = time.monotonic() + AGENT_START_GRACE_SECONDS
     last: RunView | None = None
@@ -47,15 +65,15 @@ def wait_ready(
         if _changed(last, current):
             on_change(current)
         last = current
-        verdict = _readiness(name, current)
-        if verdict is not None:
-            return verdict
+        outcome = verdict(current)
+        if outcome is not None:
+            return outcome
         if not current.agent_alive and time.monotonic() > agent_grace:
             return Outcome(
                 ExitCode.FAILED, f"the agent of {name} exited; see {store.log_path(name)}", current
             )
         if time.monotonic() >= deadline:
-            return Outcome(ExitCode.NOT_READY, _timeout_message(name, current, timeout), current)
+            return timed_out(current)
         time.sleep(poll)
 
 
@@ -99,32 +117,25 @@ def wait_rollout(
 ) -> Outcome:
     """Wait for the rollout to deployment `number` to end: done (exit 0), rolled back or
     failed (exit 1)."""
-    stop_at = time.monotonic() + deadline
-    agent_grace = time.monotonic() + AGENT_START_GRACE_SECONDS
-    last: RunView | None = None
-    while True:
-        current = view(store, name)
-        if current is None:
-            raise NoSuchService(name)
-        if _changed(last, current):
-            on_change(current)
-        last = current
-        verdict = _rollout_verdict(name, number, current)
-        if verdict is not None:
-            return verdict
-        if not current.agent_alive and time.monotonic() > agent_grace:
-            return Outcome(
-                ExitCode.FAILED, f"the agent of {name} exited; see {store.log_path(name)}", current
-            )
-        if time.monotonic() >= stop_at:
-            state = current.rollout.state if current.rollout else "not started"
-            return Outcome(
-                ExitCode.FAILED,
-                f"the redeploy of {name} is still {state.replace('_', ' ')} after {deadline:g}s; "
-                f"the agent carries on (`dstackctl ps -v {name}`)",
-                current,
-            )
-        time.sleep(poll)
+
+    def timed_out(current: RunView) -> Outcome:
+        state = current.rollout.state if current.rollout else "not started"
+        return Outcome(
+            ExitCode.FAILED,
+            f"the redeploy of {name} is still {state.replace('_', ' ')} after {deadline:g}s; "
+            f"the agent carries on (`dstackctl ps -v {name}`)",
+            current,
+        )
+
+    return _wait(
+        store,
+        name,
+        deadline,
+        lambda current: _rollout_verdict(name, number, current),
+        timed_out,
+        on_change,
+        poll,
+    )
 
 
 def _rollout_verdict(name: str, number: int, current: RunView) -> Outcome | None:
