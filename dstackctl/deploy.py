@@ -200,7 +200,7 @@ def scale(store: Store, name: str, replicas: int) -> None:
         now = serving(store, name, spec)
         if now.is_previous and spec.previous is not None:
             return replace(spec, previous=replace(spec.previous, replicas=replicas)).to_json()
-        return spec.with_current(replace(spec.current, replicas=replicas)).to_json()
+        return replace(spec, current=replace(spec.current, replicas=replicas)).to_json()
 
     store.update(name, SPEC, change)
 

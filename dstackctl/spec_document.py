@@ -7,7 +7,7 @@ deployment it serves) is observed state, in state.json (see status.py). Kept fre
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 DEFAULT_ROLLOUT_TIMEOUT = 600
@@ -90,9 +90,6 @@ class SpecDocument:
         """The part of the spec that every container carries in a label."""
         document = self.to_json()
         return {key: document.get(key) for key in SPEC_RECORD_KEYS}
-
-    def with_current(self, current: DeploymentRecord) -> SpecDocument:
-        return replace(self, current=current)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -9,11 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-# Run statuses, as in dstack.
-ACTIVE = ("pending", "provisioning", "running", "terminating")
-# Rollout states; the first two are still under way.
+# Rollout states still under way (the others: done, rolled_back, rollback_failed).
 ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
-ROLLOUT_FINAL = ("done", "rolled_back", "rollback_failed")
 
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:

@@ -97,10 +97,6 @@ class ReplicaState:
     def ready(self) -> bool:
         return self.phase is Phase.READY
 
-    @property
-    def live(self) -> bool:
-        return self.phase in (Phase.STARTING, Phase.READY, Phase.UNREADY)
-
     def failure_streak(self) -> int:
         return max((p.failure_streak for p in self.probes), default=0)
 
@@ -215,13 +211,6 @@ class ReplicaBook:
             wanted = set(keep)
             for key in [k for k in self._slots if k not in wanted]:
                 self._push(self._slots.pop(key), None)
-
-    def annotate(self, container_id: str, message: str | None) -> None:
-        """A note for `ps` (restarts, a pause) that changes no phase."""
-        with self._lock:
-            before = self._containers.get(container_id)
-            if before is not None and before.message != message and before.phase is not Phase.DRAINING:
-                self._set(before, replace(before, message=message))
 
     # --- internals --------------------------------------------------------------------
 
