@@ -26,7 +26,7 @@ def _containers(docker_client: Any, home: Path, name: str) -> list[str]:
 
 
 def test_run_d_of_a_probeless_replica_that_exits_fails_on_every_try(
-    tmp_path: Path, test_image: str, capsys: pytest.CaptureFixture[str]
+    dstack_home: Path, tmp_path: Path, test_image: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write_service(tmp_path, "quitter", test_image, ["exit 3"], extra=NO_PROBES)
     outcomes = []
@@ -38,7 +38,7 @@ def test_run_d_of_a_probeless_replica_that_exits_fails_on_every_try(
 
 
 def test_a_probeless_replica_that_listens_is_ready(
-    tmp_path: Path, test_image: str, capsys: pytest.CaptureFixture[str]
+    dstack_home: Path, tmp_path: Path, test_image: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write_service(tmp_path, "listener", test_image, [HTTPD], replicas=2, extra=NO_PROBES)
     result = cli(capsys, "run", "-d", "--timeout", "60s", config)
