@@ -115,6 +115,7 @@ class ReplicaBook:
         self._lock = threading.RLock()
         self._containers: dict[str, ReplicaState] = {}
         self._slots: dict[ReplicaKey, ReplicaState] = {}
+        self._wanted: set[ReplicaKey] = set()
         self._consumers: list[Consumer] = []
 
     def subscribe(self, consumer: Consumer) -> None:
@@ -192,6 +193,11 @@ class ReplicaBook:
                 message = "draining requests before it stops"
                 self._set(before, replace(before, phase=Phase.DRAINING, message=message))
 
+    def want(self, keys: Iterable[ReplicaKey]) -> None:
+        """The replicas of the target: one that loses its container keeps a row, as a slot."""
+        with self._lock:
+            self._wanted = set(keys)
+
     def removed(self, container_id: str) -> None:
         with self._lock:
             self._remove(container_id)
@@ -222,8 +228,14 @@ class ReplicaBook:
 
     def _remove(self, container_id: str) -> None:
         before = self._containers.pop(container_id, None)
-        if before is not None:
-            self._push(before, None)
+        if before is None:
+            return
+        self._push(before, None)
+        key = before.key
+        replaced = key in self._slots or any(s.key == key for s in self._containers.values())
+        if key in self._wanted and not replaced:
+            self._slots[key] = ReplicaState(key, Phase.PROVISIONING, message="waiting for the agent")
+            self._push(None, self._slots[key])
 
     def _push(self, before: ReplicaState | None, after: ReplicaState | None) -> None:
         for consumer in self._consumers:

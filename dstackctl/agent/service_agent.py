@@ -165,6 +165,7 @@ class ServiceAgent:
         self.endpoint.bind(desired.spec.endpoint_port)
         engine = self._connect()
         target = self.rollouts.target(desired)
+        self.book.want(ReplicaKey(DEFAULT_GROUP, num, target.number) for num in range(target.replicas))
         self._note_facts(desired, target)
         self._observe(engine)
         if self._repair(engine, target):
