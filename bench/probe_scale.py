@@ -288,7 +288,7 @@ def run_once(
     server: TargetServer,
     with_agent: bool,
 ) -> RunResult:
-    from dstackctl.config.models import ProbeConfig
+    from dstackctl.config.probe_model import ProbeConfig
     from dstackctl.probes import ProbeRunner, ProbeSample, execute_probe
 
     probe = ProbeConfig(type="http", url="/health", interval=1)

@@ -28,7 +28,7 @@ _NAME_CHARS = re.compile(r"[^a-z0-9-]+")
 def run_name(loaded: LoadedConfig, override: str | None) -> str:
     """`-n`, else the config's `name`, else derived from the file name (`demo.dstack.yml` -> demo)."""
     if override:
-        from dstackctl.config.models import check_run_name
+        from dstackctl.config.fields import check_run_name
 
         try:
             return check_run_name(override)
@@ -306,8 +306,8 @@ def forget_previous_env(store: Store, name: str) -> None:
 def _expand_secret(text: str, env_values: Mapping[str, str]) -> str:
     import os
 
+    from dstackctl.config.fields import SECRET_NAMESPACES
     from dstackctl.config.interpolation import interpolate
-    from dstackctl.config.models import SECRET_NAMESPACES
 
     environ = {**os.environ, **env_values}
     try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from dstackctl import __version__
-from dstackctl.config.models import ProbeConfig
+from dstackctl.config.probe_model import ProbeConfig
 from dstackctl.status import ProbeView
 from dstackctl.timeutil import utc_now
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dstackctl.config.models import ProbeConfig, ServiceConfiguration
+from dstackctl.config.models import ServiceConfiguration
+from dstackctl.config.probe_model import ProbeConfig
 from dstackctl.config.probe_values import resolve_probes
 from dstackctl.spec_document import DeploymentRecord, SpecDocument
 from dstackctl.store import SECRETS, SPEC, Store

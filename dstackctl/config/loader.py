@@ -12,15 +12,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from dstackctl.config.fields import SECRET_NAMESPACES
 from dstackctl.config.interpolation import interpolate, references
 from dstackctl.config.issues import ConfigError, Issue, Loc, dotted
-from dstackctl.config.models import (
-    IGNORED_FIELDS,
-    SECRET_NAMESPACES,
-    ProbeConfig,
-    ServiceConfiguration,
-    cross_field_problems,
-)
+from dstackctl.config.models import IGNORED_FIELDS, ServiceConfiguration, cross_field_problems
+from dstackctl.config.probe_model import ProbeConfig
 from dstackctl.config.yaml_source import MAX_FILE_BYTES, SourceError, YamlSource, read_yaml, too_big
 
 # Values under these paths may be secret: errors name the place, never echo the input.

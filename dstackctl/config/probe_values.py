@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+from dstackctl.config.fields import PROBE_NAMESPACES
 from dstackctl.config.interpolation import interpolate
 from dstackctl.config.issues import ConfigError, Issue, Loc, dotted
-from dstackctl.config.models import PROBE_NAMESPACES, ProbeConfig, ServiceConfiguration
+from dstackctl.config.models import ServiceConfiguration
+from dstackctl.config.probe_model import ProbeConfig
 
 Locate = Callable[[Loc, str], Issue]
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from dstackctl.cli.main import run
-from dstackctl.config import models
+from dstackctl.config import fields, models, probe_model
 from dstackctl.config.issues import ConfigError
 from dstackctl.config.loader import LoadedConfig, parse_service
 from dstackctl.config.probe_values import resolve_probes
@@ -33,8 +33,9 @@ CLI = settings(max_examples=50, deadline=None, suppress_health_check=[HealthChec
 FIELD_NAMES = sorted(
     {
         name
-        for obj in vars(models).values()
-        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == models.__name__
+        for module in (models, fields, probe_model)
+        for obj in vars(module).values()
+        if isinstance(obj, type) and issubclass(obj, BaseModel) and obj.__module__ == module.__name__
         for name in obj.model_fields
     }
 )
@@ -76,7 +77,7 @@ def check_loaded(loaded: LoadedConfig) -> None:
     config = loaded.config
     assert config.type == "service"
     probes = config.effective_probes()
-    assert len(probes) <= models.MAX_PROBES
+    assert len(probes) <= fields.MAX_PROBES
     json.loads(config.model_dump_json())
     config.model_dump()
     if config.resources.gpu is not None:

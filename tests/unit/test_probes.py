@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 import pytest
 from helpers import wait_until
 
-from dstackctl.config.models import ProbeConfig, ServiceConfiguration
+from dstackctl.config.models import ServiceConfiguration
+from dstackctl.config.probe_model import ProbeConfig
 from dstackctl.config.probe_values import resolve_probes
 from dstackctl.probes import (
     FAILURES_TO_LEAVE,
