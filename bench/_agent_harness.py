@@ -16,7 +16,6 @@ from typing import Any
 
 from dstackctl.config.loader import parse_service
 from dstackctl.deploy import stored_config
-from dstackctl.docker import Replica
 from dstackctl.labels import (
     LABEL_CONFIG_HASH,
     LABEL_DEPLOYMENT,
@@ -25,6 +24,7 @@ from dstackctl.labels import (
     LABEL_RUN,
     home_label,
 )
+from dstackctl.replica import Replica
 from dstackctl.replica_spec import config_hash
 from dstackctl.store import SECRETS, SPEC, STATE, Store
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import docker
@@ -18,13 +17,9 @@ from docker.types import DeviceRequest
 
 from dstackctl.errors import DstackctlError
 from dstackctl.labels import (
-    DEFAULT_GROUP,
-    LABEL_CONFIG_HASH,
-    LABEL_DEPLOYMENT,
     LABEL_GPUS,
-    LABEL_GROUP,
-    LABEL_REPLICA,
 )
+from dstackctl.replica import Replica
 
 if TYPE_CHECKING:
     from dstackctl.replica_spec import ReplicaSpec
@@ -37,110 +32,6 @@ NO_GPU_RUNTIME = (
 
 class DockerError(DstackctlError):
     """The engine refused or failed an operation."""
-
-
-@dataclass(frozen=True)
-class Replica:
-    """What Docker says about one replica container."""
-
-    id: str
-    name: str
-    labels: dict[str, str]
-    status: str  # Docker's: created, running, exited, dead, paused, restarting, removing
-    exit_code: int | None
-    oom_killed: bool
-    host_port: int | None
-    started_at: str | None
-    ip_address: str | None  # the container's own, on its network (None unless running)
-    container_port: int | None
-
-    @property
-    def group(self) -> str:
-        return self.labels.get(LABEL_GROUP, DEFAULT_GROUP)
-
-    @property
-    def replica_num(self) -> int:
-        return int(self.labels.get(LABEL_REPLICA, "-1"))
-
-    @property
-    def deployment_num(self) -> int:
-        return int(self.labels.get(LABEL_DEPLOYMENT, "0"))
-
-    @property
-    def config_hash(self) -> str:
-        return self.labels.get(LABEL_CONFIG_HASH, "")
-
-    @property
-    def gpu_uuids(self) -> list[str]:
-        value = self.labels.get(LABEL_GPUS, "")
-        return value.split(",") if value else []
-
-    @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> Replica:
-        state = attrs.get("State", {})
-        labels = attrs.get("Config", {}).get("Labels") or {}
-        host_port = container_port = None
-        for port_key, bindings in (attrs.get("NetworkSettings", {}).get("Ports") or {}).items():
-            for binding in bindings or []:
-                if binding.get("HostPort"):
-                    host_port = int(binding["HostPort"])
-                    container_port = int(port_key.split("/")[0])
-                    break
-        status = state.get("Status", "unknown")
-        return cls(
-            id=attrs["Id"],
-            name=attrs.get("Name", "").lstrip("/"),
-            labels=labels,
-            status=status,
-            exit_code=state.get("ExitCode") if status in ("exited", "dead") else None,
-            oom_killed=bool(state.get("OOMKilled")),
-            host_port=host_port,
-            started_at=_docker_time(state.get("StartedAt")),
-            ip_address=_ip_address(attrs.get("NetworkSettings")) if status == "running" else None,
-            container_port=container_port,
-        )
-
-    @classmethod
-    def from_summary(cls, summary: dict[str, Any]) -> Replica:
-        """From a `containers` list entry of a running container (no inspect needed)."""
-        ports = [p for p in summary.get("Ports") or [] if p.get("PublicPort")]
-        running = summary.get("State") == "running"
-        return cls(
-            id=summary["Id"],
-            name=(summary.get("Names") or ["/"])[0].lstrip("/"),
-            labels=summary.get("Labels") or {},
-            status=summary.get("State", "unknown"),
-            exit_code=None,
-            oom_killed=False,
-            host_port=int(ports[0]["PublicPort"]) if ports else None,
-            started_at=_epoch_time(summary.get("Created")),
-            ip_address=_ip_address(summary.get("NetworkSettings")) if running else None,
-            container_port=int(ports[0]["PrivatePort"]) if ports else None,
-        )
-
-
-def _ip_address(network_settings: dict[str, Any] | None) -> str | None:
-    """The container's address on the first network that gave it one."""
-    settings = network_settings or {}
-    for network in (settings.get("Networks") or {}).values():
-        if (network or {}).get("IPAddress"):
-            return str(network["IPAddress"])
-    return settings.get("IPAddress") or None
-
-
-def _epoch_time(value: int | None) -> str | None:
-    if not value:
-        return None
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _docker_time(value: str | None) -> str | None:
-    """Docker's nanosecond timestamps (`...T21:36:02.123456789Z`) to whole seconds in UTC."""
-    if not value or value.startswith("0001-"):
-        return None
-    return value[:19] + "Z"
 
 
 def _engine_error(exc: Exception) -> DockerError:
@@ -284,26 +175,6 @@ class DockerEngine:
     # --- containers ---------------------------------------------------------------------
 
     def create_and_start(self, spec: ReplicaSpec) -> Replica:
-        port_key = f"{spec.container_port}/tcp"
-        device_requests = None
-        if spec.gpu_count or spec.gpu_device_ids:
-            device_requests = [
-                DeviceRequest(
-                    count=None if spec.gpu_device_ids else spec.gpu_count,
-                    device_ids=spec.gpu_device_ids,
-                    capabilities=[["gpu"]],
-                )
-            ]
-        host_config = self._api.create_host_config(
-            port_bindings={port_key: (spec.publish_host, None)},
-            binds=spec.binds or None,
-            init=True,
-            privileged=spec.privileged,
-            shm_size=spec.shm_size_bytes,
-            mem_limit=spec.mem_limit_bytes,
-            nano_cpus=spec.nano_cpus,
-            device_requests=device_requests,
-        )
         try:
             created = self._api.create_container(
                 spec.image,
@@ -315,7 +186,7 @@ class DockerEngine:
                 user=spec.user or "",
                 labels=spec.labels,
                 ports=[spec.container_port],
-                host_config=host_config,
+                host_config=self._host_config(spec),
                 stop_timeout=spec.stop_grace_seconds,
                 detach=True,
             )
@@ -329,13 +200,29 @@ class DockerEngine:
         except docker.errors.APIError as exc:
             with contextlib.suppress(docker.errors.APIError):
                 self._api.remove_container(container_id, force=True)
-            explanation = str(exc.explanation or exc)
-            if "could not select device driver" in explanation or "nvidia" in explanation.lower():
-                raise DockerError(NO_GPU_RUNTIME) from None
-            if "port is already allocated" in explanation or "address already in use" in explanation:
-                raise DockerError(f"the port is in use: {explanation}") from None
-            raise DockerError(f"cannot start container {spec.name}: {explanation}") from None
+            raise DockerError(_start_failed(spec.name, str(exc.explanation or exc))) from None
         return self.inspect(container_id)
+
+    def _host_config(self, spec: ReplicaSpec) -> Any:
+        device_requests = None
+        if spec.gpu_count or spec.gpu_device_ids:
+            device_requests = [
+                DeviceRequest(
+                    count=None if spec.gpu_device_ids else spec.gpu_count,
+                    device_ids=spec.gpu_device_ids,
+                    capabilities=[["gpu"]],
+                )
+            ]
+        return self._api.create_host_config(
+            port_bindings={f"{spec.container_port}/tcp": (spec.publish_host, None)},
+            binds=spec.binds or None,
+            init=True,
+            privileged=spec.privileged,
+            shm_size=spec.shm_size_bytes,
+            mem_limit=spec.mem_limit_bytes,
+            nano_cpus=spec.nano_cpus,
+            device_requests=device_requests,
+        )
 
     def start(self, container_id: str) -> None:
         """Start an existing, stopped container again (same id, labels and env)."""
@@ -444,3 +331,11 @@ def _pull_failed(image: str, reason: str) -> str:
         f"image {image} is not on this machine and pulling it failed ({reason.strip()}); "
         f"build it locally or check the name and your registry access"
     )
+
+
+def _start_failed(name: str, explanation: str) -> str:
+    if "could not select device driver" in explanation or "nvidia" in explanation.lower():
+        return NO_GPU_RUNTIME
+    if "port is already allocated" in explanation or "address already in use" in explanation:
+        return f"the port is in use: {explanation}"
+    return f"cannot start container {name}: {explanation}"

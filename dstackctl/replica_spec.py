@@ -10,7 +10,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from dstackctl.labels import (
     DEFAULT_GROUP,
@@ -172,33 +172,16 @@ def build_replica_spec(
     spec_record: Mapping[str, Any] | None = None,
 ) -> ReplicaSpec:
     entrypoint, command = entrypoint_and_command(config)
-    gpu = config.resources.gpu
-    gpu_count = 0
-    if gpu_device_ids is not None:
-        gpu_count = len(gpu_device_ids)
-    elif gpu is not None and gpu.wants_gpus:
-        gpu_count = gpu.count.min or 1
+    gpu_count = _gpu_count(config, gpu_device_ids)
     job_id = f"{run_id}-{replica_num}-{deployment_num}"
     environment = {
         **dstack_environment(run_name, run_id, replica_num, job_id, gpu_count, config.working_dir),
         **env_values,
     }
-    labels = {
-        **service_labels(run_name, home),
-        LABEL_GROUP: DEFAULT_GROUP,
-        LABEL_REPLICA: str(replica_num),
-        LABEL_JOB: "0",
-        LABEL_DEPLOYMENT: str(deployment_num),
-        LABEL_CONFIG_HASH: cfg_hash,
-    }
-    if spec_record is not None:
-        labels[LABEL_SPEC] = json.dumps(spec_record, sort_keys=True)
+    labels = _labels(run_name, home, replica_num, deployment_num, cfg_hash, spec_record)
     if gpu_device_ids:
         environment["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_device_ids)
         labels[LABEL_GPUS] = ",".join(gpu_device_ids)
-    memory = config.resources.memory
-    cpu = config.resources.cpu
-    grace = stop_grace_seconds(config.stop_duration)
     return ReplicaSpec(
         name=f"dstackctl-{run_name}-{replica_num}-{container_suffix}",
         image=image_of(config),
@@ -211,12 +194,57 @@ def build_replica_spec(
         user=config.user,
         privileged=config.privileged,
         binds=_binds(config, config_dir),
-        shm_size_bytes=int(config.resources.shm_size * _GB) if config.resources.shm_size else None,
+        **_limits(config),
+        gpu_count=gpu_count,
+        gpu_device_ids=gpu_device_ids,
+        stop_grace_seconds=stop_grace_seconds(config.stop_duration),
+    )
+
+
+def _labels(
+    run_name: str,
+    home: Path,
+    replica_num: int,
+    deployment_num: int,
+    cfg_hash: str,
+    spec_record: Mapping[str, Any] | None,
+) -> dict[str, str]:
+    labels = {
+        **service_labels(run_name, home),
+        LABEL_GROUP: DEFAULT_GROUP,
+        LABEL_REPLICA: str(replica_num),
+        LABEL_JOB: "0",
+        LABEL_DEPLOYMENT: str(deployment_num),
+        LABEL_CONFIG_HASH: cfg_hash,
+    }
+    if spec_record is not None:
+        labels[LABEL_SPEC] = json.dumps(spec_record, sort_keys=True)
+    return labels
+
+
+def _gpu_count(config: ServiceConfiguration, gpu_device_ids: list[str] | None) -> int:
+    gpu = config.resources.gpu
+    if gpu_device_ids is not None:
+        return len(gpu_device_ids)
+    if gpu is not None and gpu.wants_gpus:
+        return gpu.count.min or 1
+    return 0
+
+
+class _Limits(TypedDict):
+    shm_size_bytes: int | None
+    mem_limit_bytes: int | None
+    nano_cpus: int | None
+
+
+def _limits(config: ServiceConfiguration) -> _Limits:
+    """Docker limits from resource ranges: a range's maximum caps; a fixed value only asks."""
+    resources = config.resources
+    memory, cpu = resources.memory, resources.cpu
+    return _Limits(
+        shm_size_bytes=int(resources.shm_size * _GB) if resources.shm_size else None,
         mem_limit_bytes=int(memory.max * _GB) if memory and memory.max and memory.max != memory.min else None,
         nano_cpus=int(min(cpu.max, os.cpu_count() or 1) * 1e9)
         if cpu and cpu.max and cpu.max != cpu.min
         else None,
-        gpu_count=gpu_count,
-        gpu_device_ids=gpu_device_ids,
-        stop_grace_seconds=grace,
     )

@@ -41,17 +41,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from dstackctl.docker import DockerEngine, DockerError, Replica
-
-# The one place that follows the label and spec modules of the refactor.
-try:
-    from dstackctl.labels import LABEL_DEPLOYMENT, LABEL_REPLICA, LABEL_RUN
-except ImportError:
-    from dstackctl.docker import LABEL_DEPLOYMENT, LABEL_REPLICA, LABEL_RUN
-try:
-    from dstackctl.replica_spec import ReplicaSpec
-except ImportError:
-    from dstackctl.docker import ReplicaSpec
+from dstackctl.docker import DockerEngine, DockerError
+from dstackctl.labels import LABEL_DEPLOYMENT, LABEL_REPLICA, LABEL_RUN
+from dstackctl.replica import Replica
+from dstackctl.replica_spec import ReplicaSpec
 
 BEHAVIOUR_VARIABLE = "FAKE_BEHAVIOUR"
 DOCKER_DOWN = (

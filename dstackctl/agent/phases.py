@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from dstackctl.status import ProbeView
 
 if TYPE_CHECKING:
-    from dstackctl.docker import Replica
+    from dstackctl.replica import Replica
 
 LIVE_STATES = ("running", "paused")
 EXITED_STATES = ("exited", "dead")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from dstackctl.agent.desired import Deployment, Desired
 from dstackctl.agent.phases import ReplicaBook, ReplicaKey
-from dstackctl.docker import DockerEngine, DockerError, Replica
+from dstackctl.docker import DockerEngine, DockerError
 from dstackctl.gpus import Gpu, choose, discover, shortage_message
 from dstackctl.labels import DEFAULT_GROUP
+from dstackctl.replica import Replica
 from dstackctl.replica_spec import build_replica_spec, image_of
 
 log = logging.getLogger("dstackctl.agent")

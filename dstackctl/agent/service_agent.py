@@ -35,9 +35,10 @@ from dstackctl.agent.recovery import Action, Repair, RetryPolicy, hung, plan_rep
 from dstackctl.agent.rollout_plan import Observed, Target, plan
 from dstackctl.agent.rollouts import RolloutMonitor
 from dstackctl.agent.row_lookups import RowLookups
-from dstackctl.docker import DockerEngine, DockerError, Replica
+from dstackctl.docker import DockerEngine, DockerError
 from dstackctl.labels import DEFAULT_GROUP, service_labels
 from dstackctl.probes import ProbeRunner
+from dstackctl.replica import Replica
 from dstackctl.replica_spec import stop_grace_seconds
 from dstackctl.status import ObservedState
 from dstackctl.store import STATE, Store, StoreError

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dstackctl import __version__
-from dstackctl.cli import config_commands, failures, service_commands
+from dstackctl.cli import config_commands, deploy_commands, failures, service_commands
 from dstackctl.cli.output import state
 from dstackctl.errors import DstackctlError, ExitCode
 
@@ -20,6 +20,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+deploy_commands.register(app)
 service_commands.register(app)
 config_commands.register(app)
 

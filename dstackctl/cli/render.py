@@ -97,21 +97,24 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
         rows.append(row)
         if not verbose:
             continue
-        for replica in run.replicas:
-            line = [
-                f"  replica={replica.replica_num} job={replica.job_num} deployment={replica.deployment_num}",
-                "local",
-                _replica_status(replica),
-                _probe_symbols(replica),
-                ago(replica.submitted_at or run.submitted_at),
-                replica.url or "",
-            ]
-            if with_gpus:
-                line.append(gpu_summary(replica.gpus))
-            line.append(_clip(replica.message or _probe_error(replica), wide))
-            if wide:
-                line.append((replica.container_id or "")[:12])
-            rows.append(line)
+        rows.extend(_replica_line(replica, run, with_gpus, wide) for replica in run.replicas)
     if not rows:
         return "No services. Start one with `dstackctl run -f FILE`."
     return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)
+
+
+def _replica_line(replica: ReplicaRow, run: RunView, with_gpus: bool, wide: bool) -> list[str]:
+    line = [
+        f"  replica={replica.replica_num} job={replica.job_num} deployment={replica.deployment_num}",
+        "local",
+        _replica_status(replica),
+        _probe_symbols(replica),
+        ago(replica.submitted_at or run.submitted_at),
+        replica.url or "",
+    ]
+    if with_gpus:
+        line.append(gpu_summary(replica.gpus))
+    line.append(_clip(replica.message or _probe_error(replica), wide))
+    if wide:
+        line.append((replica.container_id or "")[:12])
+    return line

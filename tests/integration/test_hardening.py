@@ -239,6 +239,10 @@ def test_the_agent_killed_during_a_rolling_redeploy_finishes_it_when_restarted(
 
 INTERVAL = 2  # seconds between probes
 TIMEOUT = 1  # probe timeout
+# Docker reports an exit within milliseconds; the bound that a test can hold on a loaded 2-core
+# machine adds two intervals for the agent's poll and publish and for each `ps`: an agent that
+# waited for its probes instead of Docker's events would still be several intervals late.
+SHOWN_WITHIN = INTERVAL + 2 * INTERVAL
 # httpd runs in the background; the shell waits for /tmp/oom, then fills its 64 MB.
 FAULTY = [
     "httpd -p 8000 -h /www",
@@ -307,8 +311,8 @@ def test_a_killed_and_an_out_of_memory_replica_leave_the_endpoint_and_stay_faile
         capsys, "fragile", 1, lambda r: r["status"] == "failed", "replica 1 to show failed", time.monotonic()
     )
 
-    assert took0 <= INTERVAL, f"the killed replica showed in ps after {took0:.1f}s"
-    assert took1 <= INTERVAL, f"the replica out of memory showed in ps after {took1:.1f}s"
+    assert took0 <= SHOWN_WITHIN, f"the killed replica showed in ps after {took0:.1f}s"
+    assert took1 <= SHOWN_WITHIN, f"the replica out of memory showed in ps after {took1:.1f}s"
     assert (row0["exit_code"], row0["message"], row0["ready"]) == (137, "exited with code 137", False)
     assert (row1["exit_code"], row1["message"], row1["ready"]) == (
         137,
@@ -358,8 +362,8 @@ def test_a_killed_and_an_out_of_memory_replica_are_replaced_under_retry(
     _, took1 = until_seen(
         capsys, "phoenix", 1, gone(starved), "replica 1 to leave rotation", time.monotonic()
     )
-    assert took0 <= INTERVAL, f"the killed replica showed in ps after {took0:.1f}s"
-    assert took1 <= INTERVAL, f"the replica out of memory showed in ps after {took1:.1f}s"
+    assert took0 <= SHOWN_WITHIN, f"the killed replica showed in ps after {took0:.1f}s"
+    assert took1 <= SHOWN_WITHIN, f"the replica out of memory showed in ps after {took1:.1f}s"
 
     def replaced(container: Any, last: str) -> Callable[[dict[str, Any]], bool]:
         message = f"replaced 1 time (last: {last})"
@@ -424,8 +428,8 @@ def test_a_hung_replica_shows_at_once_leaves_the_endpoint_and_is_replaced_per_re
         assert streaks[1:] == [1, 3], f"× and the exit from rotation showed at failures {streaks[1:]}"
         # Then in seconds, with two intervals of slack for a loaded 2-core machine (the agent's
         # Docker poll and publish, each ps): an agent several intervals late still fails.
-        slack = 2 * INTERVAL
-        assert shown_after <= INTERVAL + slack, f"the pause showed in ps after {shown_after:.1f}s"
+        slack = SHOWN_WITHIN - INTERVAL
+        assert shown_after <= SHOWN_WITHIN, f"the pause showed in ps after {shown_after:.1f}s"
         assert failed_after <= INTERVAL + TIMEOUT + slack, f"× showed after {failed_after:.1f}s"
         assert out_after <= 3 * (INTERVAL + TIMEOUT) + slack, (
             f"the replica left rotation after {out_after:.1f}s"

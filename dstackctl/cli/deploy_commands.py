@@ -1,0 +1,265 @@
+"""`run` and `redeploy`: commands that start a service or roll out a new deployment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from dstackctl.cli.following import (
+    DEFAULT_TIMEOUT,
+    Progress,
+    attach,
+    parse_timeout,
+    report,
+    wait_rollout_and_report,
+    wait_scaled,
+)
+from dstackctl.cli.output import warn
+from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
+
+if TYPE_CHECKING:
+    from dstackctl.config.loader import LoadedConfig
+    from dstackctl.deploy import Release
+
+
+def run(
+    config_arg: Path | None = typer.Argument(
+        None, metavar="CONFIG", help="Service file (or use -f).", show_default=False
+    ),
+    config_opt: Path | None = typer.Option(None, "-f", "--file", help="Service file."),
+    name: str | None = typer.Option(None, "-n", "--name", help="Run name (default: the config's name)."),
+    detach: bool = typer.Option(
+        False, "-d", "--detach", help="Return once every replica is running and ready."
+    ),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return as soon as the service is submitted."),
+    timeout: str = typer.Option(
+        DEFAULT_TIMEOUT, "--timeout", help="How long to wait for readiness (e.g. 90s, 10m); exit 3 after."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and touch nothing."),
+    env: list[str] = typer.Option(
+        [], "-e", "--env", metavar="KEY[=VAL]", help="Set an env variable (KEY alone: from your environment)."
+    ),
+    port: int | None = typer.Option(
+        None, "--port", min=1, max=65535, help="Port of the service endpoint on 127.0.0.1."
+    ),
+) -> int:
+    """Start a service: its replicas as containers behind one endpoint, kept by a background agent.
+
+    Attached by default: shows progress, then the replicas' logs until Ctrl-C (which detaches;
+    the service keeps running). A running service with a changed config gets a rolling update,
+    as with `redeploy -f`. Exit codes: 0 ready (or already running), 1 a replica failed or a
+    rollout was rolled back, 2 invalid configuration, 3 not ready within --timeout.
+    """
+    if config_arg and config_opt:
+        raise UsageError("give the config file once: either CONFIG or -f CONFIG")
+    path = config_arg or config_opt
+    if path is None:
+        raise UsageError("which service? give its file: dstackctl run -f FILE")
+    if detach and no_wait:
+        raise UsageError("-d waits until ready and --no-wait does not wait: choose one")
+    from dstackctl.deploy import run_name
+
+    seconds = parse_timeout(timeout)
+    loaded, env_values = _load(path, env)
+    service = run_name(loaded, name)
+    if dry_run:
+        return _dry_run(loaded, service, env_values, port)
+    return _start(loaded, service, env_values, port, seconds, detach=detach, no_wait=no_wait)
+
+
+def _load(path: Path, env: list[str]) -> tuple[LoadedConfig, dict[str, str]]:
+    """The validated file (its warnings printed) and its env values with the -e overrides."""
+    from dstackctl.config.loader import load_service_file
+    from dstackctl.deploy import parse_env_overrides
+
+    loaded = load_service_file(path)
+    for issue in loaded.warnings:
+        warn(str(issue))
+    overrides = parse_env_overrides(env, os.environ)
+    return loaded, {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
+
+
+def _dry_run(loaded: LoadedConfig, service: str, env_values: dict[str, str], port: int | None) -> int:
+    from dstackctl.deploy import gpu_plan
+    from dstackctl.docker import DockerEngine
+
+    try:
+        engine: DockerEngine | None = DockerEngine.connect()
+    except DstackctlError:
+        engine = None  # the plan can be made without Docker; GPUs in use are then unknown
+    typer.echo(_plan(loaded, service, env_values, port, gpu_plan(loaded, engine)))
+    return ExitCode.OK
+
+
+def _start(
+    loaded: LoadedConfig,
+    service: str,
+    env_values: dict[str, str],
+    port: int | None,
+    seconds: int,
+    *,
+    detach: bool,
+    no_wait: bool,
+) -> int:
+    from dstackctl.deploy import endpoint_port, gpu_plan, submit
+    from dstackctl.docker import DockerEngine
+    from dstackctl.store import Store
+
+    engine = DockerEngine.connect()
+    store = Store()
+    spec = store.read(service, "spec") if store.exists(service) else None
+    if spec is None or spec.get("desired") != "running":
+        gpu_plan(loaded, engine)  # fail before starting anything when the GPUs are not there
+    else:
+        _warn_if_port_changes(spec, endpoint_port(loaded, port))
+    submitted = submit(store, loaded, service, env_values, port, seconds)
+    if submitted.agent_restarted:
+        warn(f"the agent of {service} was not running; restarted it")
+    if submitted.outcome == "rollout":
+        typer.echo(f"{service}: rolling update to deployment {submitted.deployment_num}.", err=True)
+        if no_wait:
+            return ExitCode.OK
+        return wait_rollout_and_report(
+            store, service, seconds, submitted.deployment_num, loaded.config.replicas
+        )
+    if submitted.outcome == "unchanged":
+        typer.echo(f"{service} is already running with this configuration.")
+        if not detach:
+            return ExitCode.OK
+    elif submitted.outcome == "scaled":
+        typer.echo(f"{service}: scaling to {loaded.config.replicas} replicas in place.", err=True)
+    if no_wait:
+        typer.echo(f"Submitted {service}; `dstackctl ps -v {service}` shows its progress.")
+        return ExitCode.OK
+    code = _wait_until_ready(store, service, seconds)
+    if code is not None or detach or submitted.outcome != "started":
+        return code or ExitCode.OK
+    return attach(store, service, engine)
+
+
+def _wait_until_ready(store: Any, service: str, seconds: int) -> int | None:
+    """None once ready (reported); the exit code when interrupted. A failure raises."""
+    from dstackctl.waiting import wait_ready
+
+    try:
+        outcome = wait_ready(store, service, seconds, Progress().show)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"Interrupted; {service} keeps starting in the background "
+            f"(`dstackctl ps -v {service}`, `dstackctl stop {service}`).",
+            err=True,
+        )
+        return ExitCode.INTERRUPTED
+    report(outcome)
+    return None
+
+
+def _warn_if_port_changes(spec: dict[str, Any], wanted: int) -> None:
+    current = spec.get("endpoint_port")
+    if current is not None and current != wanted:
+        warn(
+            f"the endpoint of {spec.get('name')} keeps port {current}; to move it to {wanted}, "
+            f"stop the service and run it again"
+        )
+
+
+def redeploy(
+    name: str = typer.Argument(..., help="Service name."),
+    config: Path | None = typer.Option(
+        None, "-f", "--file", help="New service file (default: restart with the same config)."
+    ),
+    timeout: str = typer.Option(
+        DEFAULT_TIMEOUT, "--timeout", help="Each new replica must be ready within this (e.g. 90s, 10m)."
+    ),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return once the rollout has started."),
+    env: list[str] = typer.Option(
+        [], "-e", "--env", metavar="KEY[=VAL]", help="Set an env variable (KEY alone: from your environment)."
+    ),
+) -> int:
+    """Replace a service's replicas one by one; each new one takes traffic only once ready.
+
+    With -f the new config is rolled out (a change of `replicas` alone scales in place);
+    without it every replica is restarted with the same config. When a new replica exits or
+    is not ready within --timeout, the rollout is rolled back and the command exits 1.
+    """
+    from dstackctl.deploy import current_release, start_rollout
+    from dstackctl.spec_document import SpecDocument
+    from dstackctl.store import Store
+
+    seconds = parse_timeout(timeout)
+    store = Store()
+    data = store.read(name, "spec")
+    if data is None:
+        raise NoSuchService(name)
+    spec = SpecDocument.from_json(data)
+    if not spec.running:
+        raise DstackctlError(f"{name} is stopped; start it with `dstackctl run -f FILE`")
+    if config is None:
+        if env:
+            raise UsageError("-e needs -f: give the config file the new values belong to")
+        release = current_release(store, name)
+        number = start_rollout(store, name, release, seconds)
+    else:
+        release, started = _roll_out_file(store, name, data, config, env, seconds)
+        if started is None:
+            typer.echo(f"{name}: scaling to {release.replicas} replicas in place.", err=True)
+            return ExitCode.OK if no_wait else wait_scaled(store, name, seconds)
+        number = started
+    typer.echo(f"{name}: rolling update to deployment {number}.", err=True)
+    if no_wait:
+        return ExitCode.OK
+    return wait_rollout_and_report(store, name, seconds, number, release.replicas)
+
+
+def _roll_out_file(
+    store: Any, name: str, data: dict[str, Any], config: Path, env: list[str], seconds: int
+) -> tuple[Release, int | None]:
+    """Start the rollout of a new file; the deployment is None when only `replicas` changed,
+    which scales in place."""
+    from dstackctl.deploy import Release, endpoint_port, serving, start_rollout, submit
+    from dstackctl.spec_document import SpecDocument
+
+    loaded, env_values = _load(config, env)
+    release = Release.of(loaded, env_values)
+    _warn_if_port_changes(data, endpoint_port(loaded, None))
+    now = serving(store, name, SpecDocument.from_json(data)).record
+    if release.config_hash == now.config_hash and release.replicas != now.replicas:
+        submit(store, loaded, name, env_values, None, seconds)
+        return release, None
+    return release, start_rollout(store, name, release, seconds)  # same config: a restart
+
+
+def _plan(
+    loaded: Any, service: str, env_values: dict[str, str], port: int | None, gpus: list[list[Any]] | None
+) -> str:
+    from dstackctl.replica_spec import entrypoint_and_command, image_of
+
+    config = loaded.config
+    entrypoint, command = entrypoint_and_command(config)
+    gpu = config.resources.gpu
+    local_port = port or config.port.local_port or config.port.container_port
+    probes = ", ".join(f"{p.method.upper()} {p.url}" for p in config.effective_probes())
+    lines = [
+        f"Plan for {service} (nothing was started):",
+        f"  image:     {image_of(config)}",
+        f"  replicas:  {config.replicas}, each publishing container port "
+        f"{config.port.container_port} on 127.0.0.1 (ephemeral host port)",
+        f"  endpoint:  http://127.0.0.1:{local_port}",
+        f"  command:   {' '.join(entrypoint or [])} {' '.join(command or [])}".rstrip(),
+        f"  env:       {', '.join(sorted(env_values)) or '(none)'}",
+        f"  gpu:       {gpu if gpu and gpu.wants_gpus else 'none'}",
+        *(
+            f"    replica={num}: " + ", ".join(f"GPU {g.index} ({g}, {g.uuid})" for g in chosen)
+            for num, chosen in enumerate(gpus or [])
+        ),
+        f"  probes:    {probes or 'none'}",
+    ]
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(redeploy)

@@ -1,0 +1,121 @@
+"""What `run` and `redeploy` show while they wait: progress lines, the outcome, the logs."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from dstackctl.cli import gc_policy
+from dstackctl.errors import DstackctlError, ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from dstackctl.runs import RunView
+    from dstackctl.waiting import Outcome
+
+DEFAULT_TIMEOUT = "10m"
+
+
+def parse_timeout(text: str) -> int:
+    from dstackctl.config.units import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"--timeout: {exc}") from None
+    if seconds <= 0:
+        raise UsageError("--timeout must be at least 1s")
+    return seconds
+
+
+def wait_rollout_and_report(
+    store: Any, service: str, seconds: int, deployment_num: int, replicas: int
+) -> int:
+    from dstackctl.deploy import forget_previous_env
+    from dstackctl.waiting import wait_rollout
+
+    # Each new replica has `seconds` to get ready; the rollback is bounded the same way.
+    overall = seconds * (2 * replicas + 2)
+    try:
+        outcome = wait_rollout(store, service, deployment_num, overall, Progress().show)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"Interrupted; the agent carries on with the rollout of {service} (`dstackctl ps -v {service}`).",
+            err=True,
+        )
+        return ExitCode.INTERRUPTED
+    if outcome.exit_code == ExitCode.OK:
+        forget_previous_env(store, service)
+    report(outcome)
+    return ExitCode.OK
+
+
+def wait_scaled(store: Any, service: str, seconds: int) -> int:
+    from dstackctl.waiting import wait_ready
+
+    outcome = wait_ready(store, service, seconds, Progress().show)
+    report(outcome)
+    return ExitCode.OK
+
+
+def report(outcome: Outcome) -> None:
+    """Print a successful wait's outcome with the URLs; raise a failed one (its exit code)."""
+    if outcome.exit_code != ExitCode.OK:
+        raise DstackctlError(outcome.message, outcome.exit_code)
+    typer.echo(outcome.message + urls(outcome.view))
+
+
+def urls(view: RunView | None) -> str:
+    if view is None:
+        return ""
+    if view.url:
+        return f": {view.url}"
+    urls = [r.url for r in view.replicas if r.url]
+    return f": {', '.join(urls)}" if urls else ""
+
+
+class Progress:
+    """Prints a line whenever a replica's status or message changes (to stderr)."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[int, int], str] = {}
+        gc_policy.resume_for_a_long_run()  # it shows a wait of seconds to minutes
+
+    def show(self, view: RunView) -> None:
+        several = len({r.deployment_num for r in view.replicas}) > 1
+        for replica in view.replicas:
+            key = (replica.replica_num, replica.deployment_num)
+            text = replica.describe()
+            if replica.ready:
+                text = f"replica={key[0]} ready on {replica.url}"
+            if several:
+                text = text.replace(f"replica={key[0]} ", f"replica={key[0]} deployment={key[1]} ", 1)
+            if self._last.get(key) == text:
+                continue
+            self._last[key] = text
+            typer.echo(text, err=True)
+
+
+def attach(store: Any, service: str, engine: Any) -> int:
+    from dstackctl.replica_logs import iter_logs, log_sources
+
+    typer.echo(f"Showing the logs of {service}; Ctrl-C detaches (the service keeps running).", err=True)
+    try:
+        sources = log_sources(store, service, engine, None)
+        print_logs(iter_logs(engine, sources, tail=None, follow=True), prefix=len(sources) > 1)
+    except KeyboardInterrupt:
+        typer.echo(f"\nDetached. {service} keeps running; stop it with `dstackctl stop {service}`.", err=True)
+        return ExitCode.OK
+    typer.echo(f"The replicas of {service} stopped; `dstackctl ps -v {service}` shows why.", err=True)
+    return ExitCode.FAILED
+
+
+def print_logs(lines: Any, prefix: bool) -> None:
+    gc_policy.resume_for_a_long_run()
+    out = sys.stdout.buffer
+    for num, line in lines:
+        if prefix:
+            out.write(f"replica={num} | ".encode())
+        out.write(line)
+        out.flush()
