@@ -78,7 +78,7 @@ def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[list[Any
     if spec is None or not spec.wants_gpus:
         return None
     taken = engine.gpus_in_use() if engine is not None else set()
-    return assign(spec, discover(), loaded.config.replicas, taken)
+    return assign(spec, discover(), loaded.config.total_replicas, taken)
 
 
 def endpoint_port(loaded: LoadedConfig, override: int | None) -> int:
@@ -112,7 +112,7 @@ class Release:
         return cls(
             config=stored_config(loaded),
             config_hash=config_hash(full, env_values),
-            replicas=loaded.config.replicas,
+            replicas=loaded.config.total_replicas,
             env=env_values,
             probe_urls=[probe.url for probe in loaded.config.effective_probes()],
         )

@@ -123,14 +123,14 @@ def _start(
         if no_wait:
             return ExitCode.OK
         return wait_rollout_and_report(
-            store, service, seconds, submitted.deployment_num, loaded.config.replicas
+            store, service, seconds, submitted.deployment_num, loaded.config.total_replicas
         )
     if submitted.outcome == "unchanged":
         typer.echo(f"{service} is already running with this configuration.")
         if not detach:
             return ExitCode.OK
     elif submitted.outcome == "scaled":
-        typer.echo(f"{service}: scaling to {loaded.config.replicas} replicas in place.", err=True)
+        typer.echo(f"{service}: scaling to {loaded.config.total_replicas} replicas in place.", err=True)
     if no_wait:
         typer.echo(f"Submitted {service}; `dstackctl ps -v {service}` shows its progress.")
         return ExitCode.OK
@@ -245,7 +245,7 @@ def _plan(
     lines = [
         f"Plan for {service} (nothing was started):",
         f"  image:     {image_of(config)}",
-        f"  replicas:  {config.replicas}, each publishing container port "
+        f"  replicas:  {config.total_replicas}, each publishing container port "
         f"{config.port.container_port} on 127.0.0.1 (ephemeral host port)",
         f"  endpoint:  http://127.0.0.1:{local_port}",
         f"  command:   {' '.join(entrypoint or [])} {' '.join(command or [])}".rstrip(),

@@ -56,7 +56,7 @@ def _summary(loaded: LoadedConfig) -> str:
     probes = len(config.effective_probes())
     parts = [
         f"service {config.name}" if config.name else "service",
-        f"{config.replicas} replica{'s' if config.replicas != 1 else ''}",
+        f"{config.total_replicas} replica{'s' if config.total_replicas != 1 else ''}",
         f"{probes} probe{'s' if probes != 1 else ''}",
     ]
     if config.resources.gpu and config.resources.gpu.wants_gpus:

@@ -285,35 +285,8 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def refuse_groups(value: object) -> object:
-    if value:
-        raise ValueError(
-            "replica groups are not supported by dstackctl yet; write one service file per group"
-        )
-    return value
-
-
-def _replicas(value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"replicas cannot be negative, got {value}")
-        return value
-    count = parse_count_range(value, "a replica count")
-    if count.min is None or count.min != count.max:
-        raise ValueError(
-            f"a replica range ({count}) needs autoscaling, which dstackctl does not have yet; "
-            f"set a fixed number such as `replicas: 2`"
-        )
-    return count.min
-
-
 def ignored_field(description: str) -> Any:
     return Field(None, description=f"{description} Accepted for dstack compatibility; ignored here.")
-
-
-Replicas = Annotated[
-    int, PlainValidator(_replicas, json_schema_input_type=int | str | dict[str, Any]), PlainSerializer(int)
-]
 
 
 def _off_duration(value: object) -> int | str | None:

@@ -114,12 +114,21 @@ def parse_service(raw: bytes | str, file: str = "<config>") -> LoadedConfig:
             for loc, message in _raw_cross_field_problems(data)
         ]
         raise ConfigError(_sorted(problems)) from None
-    problems += [Issue(file, source.line_of(loc), dotted(loc), message) for loc, message in config.problems()]
+    for loc, message in config.problems():
+        written = as_written(loc, data)
+        problems.append(Issue(file, source.line_of(written), dotted(written), message))
     if problems:
         raise ConfigError(_sorted(problems))
     loaded = LoadedConfig(file=file, config=config, data=data, source=source)
     loaded.warnings = _sorted(_warnings(loaded))
     return loaded
+
+
+def as_written(loc: Loc, data: dict[str, Any]) -> Loc:
+    """A path into `groups` as the file wrote it: under `replicas` when it gave a list there."""
+    if loc[:1] == ("groups",) and "groups" not in data and isinstance(data.get("replicas"), list):
+        return ("replicas", *loc[1:])
+    return loc
 
 
 def _raw_cross_field_problems(data: dict[str, Any]) -> list[tuple[Loc, str]]:
@@ -164,6 +173,17 @@ def _warnings(loaded: LoadedConfig) -> list[Issue]:
         for key in loaded.data
         if key in IGNORED_FIELDS
     ]
+    groups_key = as_written(("groups",), loaded.data)
+    for index, group in enumerate(loaded.config.groups or []):
+        found += [
+            loaded.issue((*groups_key, index, key), "is a dstack cloud setting; ignored on one machine")
+            for key in ("spot_policy", "reservation")
+            if getattr(group, key) is not None
+        ]
+    if loaded.config.dstack:
+        found.append(
+            loaded.issue(("dstack",), "has no effect here: there is no dstack server on this machine")
+        )
     resources = loaded.data.get("resources")
     if isinstance(resources, dict) and "disk" in resources:
         found.append(loaded.issue(("resources", "disk"), "is ignored on one machine"))
@@ -202,7 +222,7 @@ def _translate(exc: ValidationError, file: str, source: YamlSource) -> list[Issu
     by_place: dict[Loc, list[str]] = {}
     union_branches: dict[Loc, list[Any]] = {}
     for error in exc.errors(include_url=False):
-        loc = tuple(error["loc"])
+        loc = as_written(tuple(error["loc"]), source.data)
         place, is_branch = _place(loc, source)
         if is_branch:
             union_branches.setdefault(place, []).append(error)
@@ -248,6 +268,8 @@ def _place(loc: Loc, source: YamlSource) -> tuple[Loc, bool]:
 def _model_at(loc: Loc) -> type[BaseModel] | None:
     """The model class that validates the mapping at `loc`, following field annotations."""
     current: Any = ServiceConfiguration
+    if loc[:1] == ("replicas",) and len(loc) > 1 and isinstance(loc[1], int):
+        loc = ("groups", *loc[1:])
     for part in loc:
         model = _find_model(current)
         if isinstance(part, int):

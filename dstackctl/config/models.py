@@ -10,11 +10,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BeforeValidator,
-    Field,
-)
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from dstackctl.config.fields import (
     MAX_PROBES,
@@ -25,7 +21,6 @@ from dstackctl.config.fields import (
     PortMapping,
     PythonVersion,
     RegistryAuth,
-    Replicas,
     Resources,
     RetryPolicy,
     Strict,
@@ -37,13 +32,21 @@ from dstackctl.config.fields import (
     model_from_scalar,
     port_from_scalar,
     python_version,
-    refuse_groups,
     retry_from_scalar,
     volume_from_scalar,
+)
+from dstackctl.config.groups import (
+    ReplicaGroup,
+    ReplicaRange,
+    ScalingSpec,
+    refuse_service_router,
+    service_problems,
 )
 from dstackctl.config.interpolation import references
 from dstackctl.config.issues import Loc
 from dstackctl.config.probe_model import HTTPHeader, ProbeConfig
+from dstackctl.config.units import Range
+from dstackctl.labels import DEFAULT_GROUP
 
 
 class ServiceConfiguration(Strict):
@@ -96,7 +99,13 @@ class ServiceConfiguration(Strict):
     ] = Field(
         description="The port the app listens on (`8000`), or `LOCAL:CONTAINER` to set the endpoint's port.",
     )
-    replicas: Replicas = Field(1, description="How many replicas to run (a fixed number).")
+    replicas: ReplicaRange | None = Field(
+        None, description="How many replicas to run (default 1), or a list of replica groups."
+    )
+    groups: list[ReplicaGroup] | None = Field(
+        None, description="Replica groups (the same as `replicas:` given as a list)."
+    )
+    scaling: ScalingSpec | None = Field(None, description="Autoscaling rules; needs a replica range.")
     resources: Resources = Field(default_factory=Resources, description="What each replica needs.")
     volumes: list[
         Annotated[
@@ -119,15 +128,54 @@ class ServiceConfiguration(Strict):
     stop_duration: OffDuration | None = Field(
         None, description="Grace period between SIGTERM and SIGKILL when stopping a replica."
     )
-    groups: Annotated[Any, AfterValidator(refuse_groups)] = Field(
-        None, description="dstack replica groups; not supported here."
+    docker: bool | None = Field(None, description="Docker-in-Docker: dstack's dind image, privileged.")
+    dstack: bool = Field(False, description="dstack: reach the dstack server from the run (none here).")
+    router: Annotated[Any, AfterValidator(refuse_service_router)] = Field(
+        None, description="Since dstack 0.21 a router is a replica group's `router`."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _groups_from_replicas(cls, data: Any) -> Any:
+        """`replicas:` given as a list is the older spelling of `groups:` (as in dstack)."""
+        if isinstance(data, dict) and isinstance(data.get("replicas"), list):
+            if data.get("groups") is not None:
+                raise ValueError("`replicas` as a list and `groups` exclude each other; keep one")
+            data = {**data, "groups": data["replicas"]}
+            del data["replicas"]
+        elif isinstance(data, dict) and data.get("groups") is not None and data.get("replicas") is not None:
+            raise ValueError("`replicas` and `groups` exclude each other; give the counts in the groups")
+        return data
+
+    @property
+    def replica_groups(self) -> list[ReplicaGroup]:
+        """The groups, named; a service without groups is one group named `0` (as in dstack)."""
+        if self.groups is not None:
+            return [
+                group if group.name is not None else group.model_copy(update={"name": str(index)})
+                for index, group in enumerate(self.groups)
+            ]
+        size = self.replicas if self.replicas is not None else Range(1, 1)
+        group = ReplicaGroup(
+            name=DEFAULT_GROUP, replicas=size, commands=self.commands, resources=self.resources
+        )
+        return [group.model_copy(update={"scaling": self.scaling})]
+
+    @property
+    def group_counts(self) -> dict[str, int]:
+        """Replicas to run per group (a fixed count; ranges are refused until autoscaling)."""
+        return {str(group.name): group.size.max or 0 for group in self.replica_groups}
+
+    @property
+    def total_replicas(self) -> int:
+        return sum(self.group_counts.values())
 
     def problems(self) -> list[tuple[Loc, str]]:
         """Rules that span fields, each with the path it is about."""
-        return cross_field_problems(
+        found = cross_field_problems(
             self.image, self.python, set(self.environment), list(enumerate(self.probes or []))
         )
+        return found + service_problems(self)
 
     @property
     def environment(self) -> dict[str, str | None]:
@@ -168,10 +216,8 @@ class ServiceConfiguration(Strict):
     strip_prefix: bool | None = ignored_field("Strip the `/proxy/services/...` prefix.")
     https: bool | Literal["auto"] | None = ignored_field("Serve over HTTPS.")
     auth: bool | None = ignored_field("Require dstack authorization.")
-    scaling: dict[str, Any] | None = ignored_field("Autoscaling rules.")
     rate_limits: list[Any] | None = ignored_field("Gateway rate limits.")
     priority: int | None = ignored_field("Run priority.")
-    docker: bool | None = ignored_field("Docker-in-Docker.")
     repos: list[Any] | None = ignored_field("Repositories to clone.")
     files: list[Any] | None = ignored_field("Files to upload.")
     single_branch: bool | None = ignored_field("Clone a single branch.")

@@ -11,7 +11,7 @@ from dstackctl.cli.main import run
 from dstackctl.config.issues import ConfigError
 from dstackctl.config.loader import parse_service
 
-HEAD = "type: service\nport: 8000\n"
+HEAD = "type: service\nport: 8000\nimage: app\n"  # dstack refuses a file that runs nothing
 
 
 def refused(raw: bytes | str) -> str:

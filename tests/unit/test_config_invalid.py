@@ -17,6 +17,7 @@ from dstackctl.config.loader import parse_service
 
 FILE = "svc.dstack.yml"
 HEAD = "type: service\nport: 8000\n"  # lines 1 and 2 of most cases
+RUNS = "commands: [serve]\n"  # appended: a file must run something (dstack's rule)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Case:
 
 def case(id: str, body: str, line: int | None, path: str, fragment: str, *, head: bool = True) -> Case:
     text = textwrap.dedent(body)
+    if head and "commands:" not in text and "image:" not in text:
+        text += RUNS
     return Case(id, (HEAD + text) if head else text, line, path, fragment)
 
 
@@ -321,14 +324,42 @@ CASES = [
     ),
     # --- replicas ---
     case("replicas-negative", "replicas: -1\n", 3, "replicas", "cannot be negative"),
-    case("replicas-range", "replicas: 1..4\n", 3, "replicas", "a replica range (1..4) needs autoscaling"),
-    case("replicas-open-range", "replicas: 2..\n", 3, "replicas", "a replica range (2..) needs autoscaling"),
+    case("replicas-range", "replicas: 1..4\n", 3, "replicas", "a range of replicas (1..4) needs `scaling`"),
+    case(
+        "replicas-range-with-scaling",
+        "replicas: 1..4\nscaling: {metric: rps, target: 10}\n",
+        3,
+        "replicas",
+        "a replica range (1..4) needs autoscaling, which dstackctl does not have yet",
+    ),
+    case("replicas-open-range", "replicas: 2..\n", 3, "replicas", "a replica range needs a maximum"),
+    case(
+        "scaling-fixed",
+        "scaling: {metric: rps, target: 10}\n",
+        3,
+        "scaling",
+        "`scaling` needs `replicas` to be a range",
+    ),
+    case(
+        "scaling-target-zero",
+        "replicas: 0..2\nscaling: {metric: rps, target: 0}\n",
+        4,
+        "scaling.target",
+        "greater than 0",
+    ),
+    case(
+        "scaling-window",
+        "replicas: 0..2\nscaling: {metric: rps, target: 1, window: 45s}\n",
+        4,
+        "scaling.window",
+        "one of 30s, 1m, 5m",
+    ),
     case(
         "replicas-range-mapping",
         "replicas: {min: 1, max: 3}\n",
         3,
         "replicas",
-        "a replica range (1..3) needs",
+        "a range of replicas (1..3) needs `scaling`",
     ),
     case("replicas-garbage", "replicas: many\n", 3, "replicas", "expected a replica count"),
     case("replicas-float", "replicas: 1.5\n", 3, "replicas", "expected a replica count"),
@@ -495,11 +526,11 @@ CASES = [
     case("volume-number", "volumes:\n  - 5\n", 4, "volumes[0]", "expected a mapping, got 5"),
     # --- other service and run keys ---
     case(
-        "groups-refused",
-        "groups:\n  - count: 1\n    commands: [a]\n",
-        3,
-        "groups",
-        "replica groups are not supported",
+        "groups-and-replicas",
+        "replicas: 2\ngroups:\n  - count: 1\n    commands: [a]\n",
+        1,
+        "",
+        "`replicas` and `groups` exclude each other",
     ),
     case(
         "registry-auth-no-password",
@@ -629,7 +660,7 @@ def test_every_problem_of_a_file_at_once_in_line_order(
 
 def test_several_files_each_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.yml"
-    good.write_text(HEAD)
+    good.write_text(HEAD + RUNS)
     bad = tmp_path / "bad.yml"
     bad.write_text(HEAD + "replicas: x\n")
     missing = tmp_path / "missing.yml"
@@ -652,19 +683,21 @@ def test_check_env_makes_a_missing_bare_variable_an_error(
 ) -> None:
     monkeypatch.delenv("DSTACKCTL_TEST_UNSET", raising=False)
     path = tmp_path / "svc.yml"
-    path.write_text(HEAD + "env:\n  - DSTACKCTL_TEST_UNSET\n  - B=${{ secrets.DSTACKCTL_TEST_UNSET }}\n")
+    path.write_text(
+        HEAD + RUNS + "env:\n  - DSTACKCTL_TEST_UNSET\n  - B=${{ secrets.DSTACKCTL_TEST_UNSET }}\n"
+    )
     # Without --check-env: valid, with a warning that `run` will need it.
     assert run(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
-    assert f"{path}:4: env[0]: DSTACKCTL_TEST_UNSET is listed without a value" in err
+    assert f"{path}:5: env[0]: DSTACKCTL_TEST_UNSET is listed without a value" in err
     assert "(needed by `run`)" in err
     # With it: exit 2, one sentence per variable, no traceback.
     assert run(["validate", "--check-env", str(path)]) == 2
     out, err = capsys.readouterr()
     assert out == f"{path}: invalid (2 problems)\n"
-    assert f"{path}:4: env[0]: DSTACKCTL_TEST_UNSET is listed without a value and is not set" in err
+    assert f"{path}:5: env[0]: DSTACKCTL_TEST_UNSET is listed without a value and is not set" in err
     assert (
-        f"{path}:5: env[1]: B uses ${{{{ secrets.DSTACKCTL_TEST_UNSET }}}}, but DSTACKCTL_TEST_UNSET" in err
+        f"{path}:6: env[1]: B uses ${{{{ secrets.DSTACKCTL_TEST_UNSET }}}}, but DSTACKCTL_TEST_UNSET" in err
     )
     assert "Traceback" not in err
     monkeypatch.setenv("DSTACKCTL_TEST_UNSET", "value")

@@ -70,7 +70,14 @@ probes:
 
 
 def load(text: str) -> LoadedConfig:
-    return parse_service(textwrap.dedent(text), "test.yml")
+    """`text` as a file; one that runs nothing (dstack refuses those) gets `commands: [serve]`."""
+    return parse_service(runnable(textwrap.dedent(text)), "test.yml")
+
+
+def runnable(text: str) -> str:
+    if any(key in text for key in ("commands:", "image:", "groups:", "replicas:\n  -")):
+        return text
+    return text + ("" if text.endswith("\n") else "\n") + "commands: [serve]\n"
 
 
 def service(extra: str = "") -> ServiceConfiguration:
@@ -131,7 +138,7 @@ def test_seed_llama31_parses_to_exactly_the_values_it_states() -> None:
     assert config.model is not None
     assert config.model.name == "meta-llama/Meta-Llama-3.1-8B-Instruct"
     assert (config.model.type, config.model.format, config.model.prefix) == ("chat", "openai", "/v1")
-    assert config.replicas == 2
+    assert config.total_replicas == 2
 
     assert config.probes is not None
     [probe] = config.probes
@@ -158,7 +165,7 @@ def test_seed_llama31_parses_to_exactly_the_values_it_states() -> None:
 
 
 def test_seed_advanced_probe_parses_to_exactly_the_values_it_states() -> None:
-    loaded = parse_service("type: service\nport: 8000\n" + SEED_ADVANCED, "advanced.yml")
+    loaded = parse_service(runnable("type: service\nport: 8000\n" + SEED_ADVANCED), "advanced.yml")
     config = loaded.config
     assert config.environment == {"PROBES_API_KEY": None}
     assert config.probes is not None
@@ -184,7 +191,7 @@ def test_seed_advanced_probe_parses_to_exactly_the_values_it_states() -> None:
 
 def test_advanced_sample_holds_the_seed_probe_block() -> None:
     sample = load_service_file(REPO / "samples" / "advanced-probes.dstack.yml").config
-    seed = parse_service("type: service\nport: 8000\n" + SEED_ADVANCED).config
+    seed = parse_service(runnable("type: service\nport: 8000\n" + SEED_ADVANCED)).config
     assert sample.probes == seed.probes
     assert sample.env == seed.env
 
@@ -344,11 +351,13 @@ def test_stop_duration_forms(written: str, expected: int | str | None) -> None:
     [("2", 2), ('"2"', 2), ('"2..2"', 2), ("2..2", 2), ("0", 0), ("{min: 3, max: 3}", 3)],
 )
 def test_replicas_forms(written: str, expected: int) -> None:
-    assert service(f"replicas: {written}\n").replicas == expected
+    assert service(f"replicas: {written}\n").total_replicas == expected
 
 
 def test_replicas_default_to_one() -> None:
-    assert service().replicas == 1
+    assert service().replicas is None
+    assert service().total_replicas == 1
+    assert service().group_counts == {"0": 1}
 
 
 def test_retry_forms() -> None:
@@ -587,7 +596,7 @@ def test_secrets_reference_warns_that_it_reads_the_environment() -> None:
 
 def test_warnings_go_to_stderr_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "svc.yml"
-    path.write_text("type: service\nport: 8000\nbackends: [aws]\n")
+    path.write_text("type: service\nport: 8000\nbackends: [aws]\nimage: app\n")
     assert run(["validate", str(path)]) == 0
     out, err = capsys.readouterr()
     assert out == f"{path}: valid (service, 1 replica, 0 probes)\n"
@@ -702,12 +711,12 @@ def test_schema_is_json_with_every_field(capsys: pytest.CaptureFixture[str]) -> 
     assert missing == []
 
 
-SVC = "type: service\nport: 8000\n"
+SVC = "type: service\nport: 8000\ncommands: [serve]\n"
 VALID_DOCUMENTS = {
     **{f"sample-{path.name}": path.read_text() for path in SAMPLES},
     "python-float": SVC + "python: 3.10\n",
-    "port-string-env-dict": "type: service\nport: '8080:8000'\nenv: {A: null, B: 1, C: true}\n",
-    "port-mapping": "type: service\nport: {container_port: 8000, local_port: 9000}\n",
+    "port-string-env-dict": "type: service\nport: '8080:8000'\nimage: app\nenv: {A: null, B: 1, C: true}\n",
+    "port-mapping": "type: service\nport: {container_port: 8000, local_port: 9000}\nimage: app\n",
     "replicas-forms": SVC + "replicas: '2..2'\n",
     "replicas-mapping": SVC + "replicas: {min: 2, max: 2}\n",
     "resources-strings": SVC + "resources: {gpu: 'nvidia:A10G,L4:1..2', cpu: 'x86:4', memory: {min: 8GB}}\n",
