@@ -66,19 +66,31 @@ def stored_config(loaded: LoadedConfig) -> dict[str, Any]:
     return data
 
 
-def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[list[Any]] | None:
-    """Which GPUs each replica would get now (None without a GPU request).
+def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[tuple[str, int, list[Any]]] | None:
+    """Which GPUs each replica would get now, as (group, replica, GPUs); None when no group
+    asks for GPUs. Groups are served in order, none sharing a GPU.
 
     Raises GpuError (exit 1) with what is missing, e.g. "needs 2 x 24GB..48GB for 2 replicas;
     found 1 x NVIDIA A10G 24GB".
     """
     from dstackctl.gpus import assign, discover
 
-    spec = loaded.config.resources.gpu
-    if spec is None or not spec.wants_gpus:
+    config = loaded.config
+    wanting = [
+        (name, count, config.for_group(name).resources.gpu) for name, count in config.group_counts.items()
+    ]
+    if not any(spec is not None and spec.wants_gpus for _, _, spec in wanting):
         return None
+    gpus = discover()
     taken = engine.gpus_in_use() if engine is not None else set()
-    return assign(spec, discover(), loaded.config.total_replicas, taken)
+    result: list[tuple[str, int, list[Any]]] = []
+    for name, count, spec in wanting:
+        if spec is None or not spec.wants_gpus:
+            continue
+        for num, chosen in enumerate(assign(spec, gpus, count, taken)):
+            taken.update(g.uuid for g in chosen)
+            result.append((name, num, chosen))
+    return result
 
 
 def endpoint_port(loaded: LoadedConfig, override: int | None) -> int:
@@ -101,24 +113,40 @@ class Release:
 
     config: dict[str, Any]
     config_hash: str
-    replicas: int
+    group_counts: dict[str, int]
     env: dict[str, str]
     probe_urls: list[str]
+
+    @property
+    def replicas(self) -> int:
+        return sum(self.group_counts.values())
 
     @classmethod
     def of(cls, loaded: LoadedConfig, env_values: dict[str, str]) -> Release:
         full = loaded.config.model_dump(mode="json", exclude_unset=True)
-        full.pop("replicas", None)  # a change of replicas alone scales in place
+        # A change of replica counts alone scales in place.
+        full.pop("replicas", None)
+        for group in full.get("groups") or []:
+            group.pop("replicas", None)
+            group.pop("count", None)
         return cls(
             config=stored_config(loaded),
             config_hash=config_hash(full, env_values),
-            replicas=loaded.config.total_replicas,
+            group_counts=loaded.config.group_counts,
             env=env_values,
             probe_urls=[probe.url for probe in loaded.config.effective_probes()],
         )
 
-    def record(self, number: int) -> DeploymentRecord:
-        return DeploymentRecord(number, self.config_hash, self.replicas, self.config, tuple(self.probe_urls))
+    def record(self, number: int, restart: bool = False) -> DeploymentRecord:
+        return DeploymentRecord(
+            number,
+            self.config_hash,
+            self.replicas,
+            self.config,
+            tuple(self.probe_urls),
+            group_replicas=self.group_counts,
+            restart=restart,
+        )
 
 
 @dataclass(frozen=True)
@@ -185,22 +213,25 @@ def submit(
         number = start_rollout(store, name, release, rollout_timeout)
         return Submitted(name, "rollout", deployment_num=number)
     outcome = "unchanged"
-    if now.record.replicas != release.replicas:
-        scale(store, name, release.replicas)
+    if now.record.group_counts != release.group_counts:
+        scale(store, name, release.group_counts)
         outcome = "scaled"
     restarted = ensure_agent(store, name)
     return Submitted(name, outcome, agent_restarted=restarted, deployment_num=now.record.number)
 
 
-def scale(store: Store, name: str, replicas: int) -> None:
-    """Change the replica count of the deployment that serves, in place (no rollout)."""
+def scale(store: Store, name: str, group_counts: dict[str, int]) -> None:
+    """Change the replica counts of the deployment that serves, in place (no rollout)."""
+
+    def scaled(record: DeploymentRecord) -> DeploymentRecord:
+        return replace(record, replicas=sum(group_counts.values()), group_replicas=dict(group_counts))
 
     def change(data: dict[str, Any]) -> dict[str, Any]:
         spec = SpecDocument.from_json(data)
         now = serving(store, name, spec)
         if now.is_previous and spec.previous is not None:
-            return replace(spec, previous=replace(spec.previous, replicas=replicas)).to_json()
-        return replace(spec, current=replace(spec.current, replicas=replicas)).to_json()
+            return replace(spec, previous=scaled(spec.previous)).to_json()
+        return replace(spec, current=scaled(spec.current)).to_json()
 
     store.update(name, SPEC, change)
 
@@ -252,7 +283,7 @@ def current_release(store: Store, name: str) -> Release:
     spec = SpecDocument.from_json(store.read(name, SPEC) or {})
     now = serving(store, name, spec)
     record = now.record
-    return Release(record.config, record.config_hash, record.replicas, now.env, list(record.probe_urls))
+    return Release(record.config, record.config_hash, record.group_counts, now.env, list(record.probe_urls))
 
 
 def start_rollout(store: Store, name: str, release: Release, timeout: int) -> int:
@@ -272,7 +303,9 @@ def start_rollout(store: Store, name: str, release: Release, timeout: int) -> in
         number = spec.current.number + 1
         store.write(name, SECRETS, {**secrets, "env": release.env, "previous_env": now.env})
         request = RolloutRequest(now.record.number, number, timeout, utc_now())
-        spec = replace(spec, current=release.record(number), previous=now.record, rollout=request)
+        # The same config again is a restart: every replica is replaced, as with `redeploy`.
+        restart = release.config_hash == now.record.config_hash
+        spec = replace(spec, current=release.record(number, restart), previous=now.record, rollout=request)
         store.write(name, SPEC, spec.to_json())
     ensure_agent(store, name)
     return number

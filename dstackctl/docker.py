@@ -187,6 +187,11 @@ class DockerEngine:
                 labels=spec.labels,
                 ports=[spec.container_port],
                 host_config=self._host_config(spec),
+                networking_config=self._api.create_networking_config(
+                    {spec.network: self._api.create_endpoint_config()}
+                )
+                if spec.network
+                else None,
                 stop_timeout=spec.stop_grace_seconds,
                 detach=True,
             )
@@ -222,7 +227,44 @@ class DockerEngine:
             mem_limit=spec.mem_limit_bytes,
             nano_cpus=spec.nano_cpus,
             device_requests=device_requests,
+            network_mode=spec.network,
         )
+
+    # --- networks -----------------------------------------------------------------------
+
+    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+        """Create the bridge network `name` unless it exists."""
+        try:
+            if any(n.get("Name") == name for n in self._api.networks(filters={"name": name})):
+                return
+            self._api.create_network(name, driver="bridge", labels=labels)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:  # created meanwhile
+                return
+            if "address pool" in str(exc.explanation):
+                raise DockerError(
+                    f"Docker has no free address pool for the network {name}; remove unused "
+                    f"networks (`docker network prune`) or add `default-address-pools` to "
+                    f"/etc/docker/daemon.json"
+                ) from None
+            raise DockerError(f"cannot create the network {name}: {exc.explanation}") from None
+        except requests.exceptions.RequestException as exc:
+            raise _engine_error(exc) from None
+
+    def remove_networks(self, labels: dict[str, str]) -> int:
+        """Remove every network carrying all `labels`; returns how many."""
+        filters = {"label": [f"{key}={value}" for key, value in labels.items()]}
+        removed = 0
+        try:
+            for network in self._api.networks(filters=filters):
+                with contextlib.suppress(docker.errors.NotFound):
+                    self._api.remove_network(network["Id"])
+                    removed += 1
+        except docker.errors.APIError as exc:
+            raise DockerError(f"cannot remove a network: {exc.explanation}") from None
+        except requests.exceptions.RequestException as exc:
+            raise _engine_error(exc) from None
+        return removed
 
     def start(self, container_id: str) -> None:
         """Start an existing, stopped container again (same id, labels and env)."""

@@ -16,6 +16,7 @@ LABEL_REPLICA = "dstackctl.replica"
 LABEL_JOB = "dstackctl.job"
 LABEL_DEPLOYMENT = "dstackctl.deployment"
 LABEL_CONFIG_HASH = "dstackctl.config-hash"
+LABEL_GROUP_HASH = "dstackctl.group-hash"  # what the replica's group runs (see Deployment.owns)
 LABEL_GPUS = "dstackctl.gpus"
 # The service's spec (no env values) on every container, so a lost store can be rebuilt.
 LABEL_SPEC = "dstackctl.spec"

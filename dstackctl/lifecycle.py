@@ -32,6 +32,7 @@ def stop_service(store: Store, name: str, engine: DockerEngine) -> int:
     if containers:
         with ThreadPoolExecutor(max_workers=min(8, len(containers))) as pool:
             list(pool.map(lambda r: engine.stop_and_remove(r.id, grace_seconds), containers))
+    engine.remove_networks(service_labels(name, store.home))
     return len(containers)
 
 

@@ -14,6 +14,7 @@ from dstackctl.labels import (
     LABEL_DEPLOYMENT,
     LABEL_GPUS,
     LABEL_GROUP,
+    LABEL_GROUP_HASH,
     LABEL_REPLICA,
 )
 
@@ -48,6 +49,10 @@ class Replica:
     @property
     def config_hash(self) -> str:
         return self.labels.get(LABEL_CONFIG_HASH, "")
+
+    @property
+    def group_hash(self) -> str:
+        return self.labels.get(LABEL_GROUP_HASH, "")
 
     @property
     def gpu_uuids(self) -> list[str]:

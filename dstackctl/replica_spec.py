@@ -18,6 +18,7 @@ from dstackctl.labels import (
     LABEL_DEPLOYMENT,
     LABEL_GPUS,
     LABEL_GROUP,
+    LABEL_GROUP_HASH,
     LABEL_JOB,
     LABEL_REPLICA,
     LABEL_SPEC,
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 BASE_IMAGE = "dstackai/base:0.15-base-ubuntu24.04"
 BASE_IMAGE_DEVEL = "dstackai/base:0.15-devel-ubuntu24.04"
 BASE_IMAGE_VARIABLE = "DSTACK_DOCKER_BASE_IMAGE"
+# `docker: true` runs dstack's Docker-in-Docker image, privileged, with dockerd started first
+# (dstack settings.DSTACK_DIND_IMAGE and ServiceJobConfigurator._dstack_image_commands).
+DIND_IMAGE = "dstackai/dind"
+DIND_IMAGE_VARIABLE = "DSTACK_DIND_IMAGE"
 VENV_DIR = "/dstack/venv"
 DEFAULT_STOP_GRACE_SECONDS = 10
 _GB = 1024**3
@@ -78,9 +83,17 @@ class ReplicaSpec:
     gpu_device_ids: list[str] | None = None
     stop_grace_seconds: int = 10
     publish_host: str = "127.0.0.1"
+    network: str | None = None  # the service's own bridge network, where replicas reach each other
+
+
+def network_name(run_name: str, run_id: str) -> str:
+    """The service's own Docker network: one per run, so stores in other homes never share it."""
+    return f"dstackctl-{run_name}-{run_id}"
 
 
 def image_of(config: ServiceConfiguration, environ: Mapping[str, str] = os.environ) -> str:
+    if config.docker:
+        return environ.get(DIND_IMAGE_VARIABLE, DIND_IMAGE)
     if config.image:
         return config.image
     default = BASE_IMAGE_DEVEL if config.nvcc else BASE_IMAGE
@@ -101,7 +114,7 @@ def join_commands(commands: list[str]) -> str:
 
 def _shell(config: ServiceConfiguration) -> str:
     if config.shell in (None, ""):
-        return "/bin/sh" if config.image else "/bin/bash"
+        return "/bin/sh" if config.image and not config.docker else "/bin/bash"
     if config.shell in ("sh", "bash"):
         return f"/bin/{config.shell}"
     return config.shell
@@ -109,6 +122,8 @@ def _shell(config: ServiceConfiguration) -> str:
 
 def _commands(config: ServiceConfiguration) -> list[str]:
     commands = [*config.setup, *config.commands]
+    if config.docker:
+        return ["start-dockerd", *commands]
     if config.python and not config.image:
         prelude = [
             f"uv venv -q --prompt dstack -p {config.python} --seed {VENV_DIR}",
@@ -162,6 +177,8 @@ def build_replica_spec(
     run_name: str,
     run_id: str,
     home: Path,
+    group: str = DEFAULT_GROUP,
+    group_hash: str = "",
     replica_num: int,
     deployment_num: int,
     cfg_hash: str,
@@ -170,20 +187,24 @@ def build_replica_spec(
     container_suffix: str,
     gpu_device_ids: list[str] | None = None,
     spec_record: Mapping[str, Any] | None = None,
+    network: str | None = None,
 ) -> ReplicaSpec:
     entrypoint, command = entrypoint_and_command(config)
     gpu_count = _gpu_count(config, gpu_device_ids)
     job_id = f"{run_id}-{replica_num}-{deployment_num}"
+    if group != DEFAULT_GROUP:
+        job_id = f"{run_id}-{group}-{replica_num}-{deployment_num}"
     environment = {
         **dstack_environment(run_name, run_id, replica_num, job_id, gpu_count, config.working_dir),
         **env_values,
     }
     labels = _labels(run_name, home, replica_num, deployment_num, cfg_hash, spec_record)
+    labels.update({LABEL_GROUP: group, LABEL_GROUP_HASH: group_hash})
     if gpu_device_ids:
         environment["NVIDIA_VISIBLE_DEVICES"] = ",".join(gpu_device_ids)
         labels[LABEL_GPUS] = ",".join(gpu_device_ids)
     return ReplicaSpec(
-        name=f"dstackctl-{run_name}-{replica_num}-{container_suffix}",
+        name=f"dstackctl-{run_name}-{_group_part(group)}{replica_num}-{container_suffix}",
         image=image_of(config),
         labels=labels,
         container_port=config.port.container_port,
@@ -192,13 +213,18 @@ def build_replica_spec(
         environment=environment,
         working_dir=config.working_dir,
         user=config.user,
-        privileged=config.privileged,
+        privileged=config.privileged or bool(config.docker),
         binds=_binds(config, config_dir),
         **_limits(config),
         gpu_count=gpu_count,
         gpu_device_ids=gpu_device_ids,
         stop_grace_seconds=stop_grace_seconds(config.stop_duration),
+        network=network,
     )
+
+
+def _group_part(group: str) -> str:
+    return "" if group == DEFAULT_GROUP else f"{group}-"
 
 
 def _labels(

@@ -33,6 +33,17 @@ class RunView:
     def active(self) -> bool:
         return self.desired == "running"
 
+    @property
+    def group_order(self) -> list[str]:
+        """Group names in the order the config gives them (dstack numbers groups by it)."""
+        config = self.spec.current.config
+        groups = config.get("groups")
+        if groups is None and isinstance(config.get("replicas"), list):
+            groups = config["replicas"]
+        if not isinstance(groups, list):
+            return ["0"]
+        return [str(g.get("name", i)) if isinstance(g, dict) else str(i) for i, g in enumerate(groups)]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

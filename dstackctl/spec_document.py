@@ -7,8 +7,10 @@ deployment it serves) is observed state, in state.json (see status.py). Kept fre
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from dstackctl.labels import DEFAULT_GROUP
 
 DEFAULT_ROLLOUT_TIMEOUT = 600
 # What a container's label keeps of spec.json, to rebuild a lost store (`recover`).
@@ -21,6 +23,8 @@ SPEC_RECORD_KEYS = (
     "config_hash",
     "deployment_num",
     "replicas",
+    "group_replicas",
+    "restart",
     "submitted_at",
     "probe_urls",
     "endpoint_port",
@@ -29,16 +33,27 @@ SPEC_RECORD_KEYS = (
 
 @dataclass(frozen=True)
 class DeploymentRecord:
-    """One configuration of the service: config (env reduced to names), hash, replica count."""
+    """One configuration of the service: config (env reduced to names), hash, replica counts.
+
+    `restart`: a redeploy of the same config, which replaces every replica; any other
+    deployment keeps the replicas of groups it does not change.
+    """
 
     number: int
     config_hash: str
     replicas: int
     config: dict[str, Any]
     probe_urls: tuple[str, ...] = ()
+    group_replicas: dict[str, int] = field(default_factory=dict)
+    restart: bool = False
+
+    @property
+    def group_counts(self) -> dict[str, int]:
+        """Replicas per group (a record from before groups has one group, `0`)."""
+        return dict(self.group_replicas) or {DEFAULT_GROUP: self.replicas}
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "probe_urls": list(self.probe_urls)}
+        return {**asdict(self), "probe_urls": list(self.probe_urls), "group_replicas": self.group_counts}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeploymentRecord:
@@ -48,6 +63,8 @@ class DeploymentRecord:
             replicas=int(data.get("replicas", 0)),
             config=dict(data.get("config") or {}),
             probe_urls=tuple(data.get("probe_urls") or ()),
+            group_replicas={str(k): int(v) for k, v in (data.get("group_replicas") or {}).items()},
+            restart=bool(data.get("restart", False)),
         )
 
 
@@ -102,6 +119,8 @@ class SpecDocument:
             "config_hash": self.current.config_hash,
             "deployment_num": self.current.number,
             "replicas": self.current.replicas,
+            "group_replicas": self.current.group_counts,
+            "restart": self.current.restart,
             "submitted_at": self.submitted_at,
             "probe_urls": list(self.current.probe_urls),
             "endpoint_port": self.endpoint_port,

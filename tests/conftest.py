@@ -72,7 +72,8 @@ def test_image(docker_client: Any) -> str:
 
 
 def _remove_home_containers(label: str) -> None:
-    """Remove every container carrying ``dstackctl.home=<label>``; nothing to do without an engine."""
+    """Remove every container and network carrying ``dstackctl.home=<label>``; nothing to do
+    without an engine. (Docker has ~30 address pools: leaked networks would exhaust them.)"""
     try:
         client = docker.from_env(timeout=30)
         client.ping()
@@ -82,6 +83,9 @@ def _remove_home_containers(label: str) -> None:
         for container in client.containers.list(all=True, filters={"label": f"dstackctl.home={label}"}):
             with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True)
+        for network in client.networks.list(filters={"label": f"dstackctl.home={label}"}):
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                network.remove()
     finally:
         client.close()
 

@@ -279,6 +279,7 @@ class FakeEngine:
         self.script: dict[tuple[int, int], str] = {}
         self.calls: list[tuple[str, Any]] = []
         self.down = False
+        self.networks: set[str] = set()
         self.peak_running: dict[str, int] = {}  # by the service's run label
         self._containers: dict[str, FakeContainer] = {}
         self._removed: list[FakeContainer] = []
@@ -388,6 +389,15 @@ class FakeEngine:
                 for c in self._containers.values()
                 if all(c.labels.get(k) == v for k, v in labels.items())
             ]
+
+    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+        self._check()
+        self.networks.add(name)
+
+    def remove_networks(self, labels: dict[str, str]) -> int:
+        removed = len(self.networks)
+        self.networks.clear()
+        return removed
 
     def gpus_in_use(self) -> set[str]:
         self._check()

@@ -9,37 +9,84 @@ from typing import Any
 from dstackctl.config.models import ServiceConfiguration
 from dstackctl.config.probe_model import ProbeConfig
 from dstackctl.config.probe_values import resolve_probes
+from dstackctl.replica_spec import config_hash as hash_of
 from dstackctl.spec_document import DeploymentRecord, SpecDocument
 from dstackctl.store import SECRETS, SPEC, Store
 
 
 @dataclass(frozen=True)
-class Deployment:
-    """One configuration the service runs, with its env values and expanded probes."""
+class GroupTarget:
+    """One replica group of a deployment: how many, what they run, and its own hash."""
 
-    number: int
-    config_hash: str
-    replicas: int
-    config: ServiceConfiguration
-    env: dict[str, str]
+    name: str
+    count: int
+    config: ServiceConfiguration  # the service's config with this group's fields applied
+    spec_hash: str  # changes only when what this group runs changes (not with counts)
     probes: list[ProbeConfig]
     probe_urls: list[str]  # as written, `${{ env.X }}` unexpanded: what `ps` may show
 
     @classmethod
-    def load(cls, record: DeploymentRecord, env: dict[str, str]) -> Deployment:
-        config = ServiceConfiguration.model_validate(record.config)
+    def load(cls, service: ServiceConfiguration, name: str, count: int, env: dict[str, str]) -> GroupTarget:
+        config = service.for_group(name)
+        runs = config.model_dump(mode="json", exclude={"replicas", "scaling", "groups"})
         return cls(
-            number=record.number,
-            config_hash=record.config_hash,
-            replicas=record.replicas,
+            name=name,
+            count=count,
             config=config,
-            env=env,
+            spec_hash=hash_of({"group": name, "runs": runs}, env),
             probes=resolve_probes(config, env),
             probe_urls=[probe.url for probe in config.effective_probes()],
         )
 
-    def owns(self, deployment_num: int, config_hash: str) -> bool:
-        return (deployment_num, config_hash) == (self.number, self.config_hash)
+
+@dataclass(frozen=True)
+class Deployment:
+    """One configuration the service runs, with its env values, groups and expanded probes."""
+
+    number: int
+    config_hash: str
+    config: ServiceConfiguration
+    env: dict[str, str]
+    groups: dict[str, GroupTarget]
+    restart: bool = False  # the same config again: nothing is kept from older deployments
+
+    @classmethod
+    def load(cls, record: DeploymentRecord, env: dict[str, str]) -> Deployment:
+        config = ServiceConfiguration.model_validate(record.config)
+        counts = record.group_counts
+        return cls(
+            number=record.number,
+            config_hash=record.config_hash,
+            config=config,
+            env=env,
+            groups={
+                str(g.name): GroupTarget.load(config, str(g.name), counts.get(str(g.name), 0), env)
+                for g in config.replica_groups
+            },
+            restart=record.restart,
+        )
+
+    @property
+    def replicas(self) -> int:
+        return sum(g.count for g in self.groups.values())
+
+    @property
+    def slots(self) -> list[tuple[str, int]]:
+        """(group, replica number) of every replica this deployment wants, in dstack's order."""
+        return [(g.name, num) for g in self.groups.values() for num in range(g.count)]
+
+    def owns(self, group: str, deployment_num: int, config_hash: str, group_hash: str = "") -> bool:
+        """A container is this deployment's when it was started for it, or (unless this is a
+        restart) it belongs to a group whose definition this deployment did not change."""
+        target = self.groups.get(group)
+        if target is None:
+            return False
+        if (deployment_num, config_hash) == (self.number, self.config_hash):
+            return True
+        return not self.restart and bool(group_hash) and group_hash == target.spec_hash
+
+    def group_of(self, group: str) -> GroupTarget | None:
+        return self.groups.get(group)
 
 
 @dataclass(frozen=True)
@@ -53,9 +100,11 @@ class Desired:
     def config_dir(self) -> Path:
         return Path(self.spec.config_dir or "/")
 
-    def deployment(self, deployment_num: int, config_hash: str) -> Deployment | None:
+    def deployment(
+        self, group: str, deployment_num: int, config_hash: str, group_hash: str = ""
+    ) -> Deployment | None:
         for deployment in (self.current, self.previous):
-            if deployment is not None and deployment.owns(deployment_num, config_hash):
+            if deployment is not None and deployment.owns(group, deployment_num, config_hash, group_hash):
                 return deployment
         return None
 
@@ -66,7 +115,7 @@ class DesiredReader:
     def __init__(self, store: Store, name: str) -> None:
         self._store = store
         self._name = name
-        self._cache: dict[tuple[int, str, int], Deployment] = {}
+        self._cache: dict[tuple[int, str, tuple[tuple[str, int], ...]], Deployment] = {}
 
     def read(self) -> Desired | None:
         """None when the service is no longer wanted (stopped, or its record removed)."""
@@ -88,7 +137,7 @@ class DesiredReader:
         )
 
     def _load(self, record: DeploymentRecord, env: dict[str, str] | None) -> Deployment:
-        key = (record.number, record.config_hash, record.replicas)
+        key = (record.number, record.config_hash, tuple(sorted(record.group_counts.items())))
         if key not in self._cache:
             self._cache[key] = Deployment.load(record, dict(env or {}))
         return self._cache[key]

@@ -57,6 +57,12 @@ class EndpointHost:
         )
         self._thread.start()
 
+    def route_to(self, group: str | None) -> None:
+        """Send traffic to this group's replicas only (the router group); None: to every group."""
+        if self._book.route_to(group) and self.endpoint is not None:
+            log.info("the endpoint routes to %s", f"group {group}" if group else "every group")
+            self._book.apply_rotation(self.endpoint.set_upstreams)
+
     def drain(self, container_id: str, timeout: float = DRAIN_SECONDS) -> bool:
         """Wait until the replica's in-flight requests are done; False when time ran out."""
         endpoint = self.endpoint

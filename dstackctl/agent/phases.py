@@ -72,6 +72,7 @@ class Container:
     name: str
     docker_status: str
     config_hash: str
+    group_hash: str = ""
     host_port: int | None = None
     started_at: str | None = None
     exit_code: int | None = None
@@ -117,9 +118,18 @@ class ReplicaBook:
         self._slots: dict[ReplicaKey, ReplicaState] = {}
         self._wanted: set[ReplicaKey] = set()
         self._consumers: list[Consumer] = []
+        self._routed_group: str | None = None
 
     def subscribe(self, consumer: Consumer) -> None:
         self._consumers.append(consumer)
+
+    def route_to(self, group: str | None) -> bool:
+        """Only this group's replicas take the endpoint's traffic (a router group); None: all.
+        True when that changed."""
+        with self._lock:
+            changed = group != self._routed_group
+            self._routed_group = group
+            return changed
 
     # --- reading ----------------------------------------------------------------------
 
@@ -137,7 +147,10 @@ class ReplicaBook:
             return {
                 s.container.id: s.container.host_port
                 for s in self._containers.values()
-                if s.ready and s.container and s.container.host_port
+                if s.ready
+                and s.container
+                and s.container.host_port
+                and self._routed_group in (None, s.key.group)
             }
 
     def apply_rotation(self, apply: Callable[[dict[str, int]], None]) -> None:
@@ -275,6 +288,7 @@ def container_of(replica: Replica) -> Container:
         name=replica.name,
         docker_status=replica.status,
         config_hash=replica.config_hash,
+        group_hash=replica.group_hash,
         host_port=replica.host_port,
         started_at=replica.started_at,
         exit_code=replica.exit_code,

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from dstackctl.agent.phases import Phase, ReplicaBook, ReplicaState
+from dstackctl.agent.phases import Phase, ReplicaBook, ReplicaKey, ReplicaState
 from dstackctl.status import ObservedState, ReplicaRow, RolloutStatus, run_status
 from dstackctl.store import STATE, Store
 from dstackctl.timeutil import utc_now
@@ -38,8 +38,8 @@ class Facts:
     url: str | None = None
     engine_problem: str | None = None
     endpoint_error: str | None = None
-    # (replica_num, deployment_num) -> (times replaced, why the last one was)
-    restarts: dict[tuple[int, int], tuple[int, str]] = field(default_factory=dict)
+    # replica -> (times replaced, why the last one was)
+    restarts: dict[ReplicaKey, tuple[int, str]] = field(default_factory=dict)
 
 
 class RowSources(Protocol):
@@ -153,7 +153,7 @@ class StatusPublisher:
         return replace(row, message=self._live_message(state), restarts=self._restarts(state)[0])
 
     def _restarts(self, state: ReplicaState) -> tuple[int, str]:
-        return self.facts.restarts.get((state.key.replica_num, state.key.deployment_num), (0, ""))
+        return self.facts.restarts.get(state.key, (0, ""))
 
     def _live_message(self, state: ReplicaState) -> str | None:
         if state.message:

@@ -9,10 +9,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from dstackctl.agent.phases import EXITED_STATES, LIVE_STATES, ReplicaState
+from dstackctl.agent.phases import EXITED_STATES, LIVE_STATES, ReplicaKey, ReplicaState
 from dstackctl.probes import FAILURES_TO_LEAVE
 
 HUNG_FAILURES = 2 * FAILURES_TO_LEAVE
@@ -62,13 +63,14 @@ def failure_reason(replica: ReplicaState) -> str:
 
 def plan_repairs(
     replicas: list[ReplicaState],
-    target: tuple[int, str],
+    owned: Callable[[ReplicaState], bool],
     retry: RetryPolicy | None,
     rolling: bool,
     stopped_by_outage: set[str],
-    failing_for: dict[tuple[int, int], float],
+    failing_for: dict[ReplicaKey, float],
 ) -> list[Action]:
-    """What to repair now. `failing_for` is how long each (replica, deployment) has been failing."""
+    """What to repair now. `owned`: the replica belongs to the target deployment;
+    `failing_for`: how long each replica has been failing."""
     actions = []
     for replica in replicas:
         container = replica.container
@@ -84,9 +86,9 @@ def plan_repairs(
             and retry is not None
             and retry.on_error
             and not rolling
-            and (replica.key.deployment_num, container.config_hash) == target
+            and owned(replica)
         ):
-            seconds = failing_for.get((replica.key.replica_num, replica.key.deployment_num), 0.0)
+            seconds = failing_for.get(replica.key, 0.0)
             if retry.duration is None or seconds <= retry.duration:
                 actions.append(Action(Repair.REPLACE, container.id, replica, failure_reason(replica)))
     return actions

@@ -1,7 +1,8 @@
 """Deciding what to do with a service's containers: the plan; the agent executes it.
 
-The target is one deployment (number + config hash) with N replicas. Containers of the
-target deployment are *current*; any other container is *old*. Without old replicas that
+The target is one deployment with its replica slots: (group, replica number) pairs. Containers
+the target owns are *current* (started for it, or of a group it did not change); any other
+container is *old*. Without old replicas that
 serve traffic, missing replicas are created all at once (first start, scale up, recovery).
 While old replicas serve, the rollout goes with a surge of one: start one current replica,
 wait until it is ready, then drain and stop one old replica, and repeat. A current replica
@@ -11,7 +12,19 @@ previous deployment the target again, which this same plan carries out.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from dstackctl.labels import DEFAULT_GROUP
+
+Slot = tuple[str, int]
+"""A replica's place: (group, replica number)."""
+
+
+def slot_name(slot: Slot) -> str:
+    """`replica=1`, or `group=workers replica=1` in a service with replica groups."""
+    group, num = slot
+    return f"replica={num}" if group == DEFAULT_GROUP else f"group={group} replica={num}"
 
 
 @dataclass(frozen=True)
@@ -19,9 +32,8 @@ class Observed:
     """One container as the planner needs it."""
 
     key: str
-    replica_num: int
-    deployment_num: int
-    config_hash: str
+    slot: Slot
+    owned: bool  # the target owns it (see Deployment.owns)
     running: bool
     ready: bool
     failed: bool
@@ -29,26 +41,24 @@ class Observed:
 
 @dataclass(frozen=True)
 class Target:
-    deployment_num: int
-    config_hash: str
-    replicas: int
+    slots: tuple[Slot, ...]
 
     def owns(self, replica: Observed) -> bool:
-        return (replica.deployment_num, replica.config_hash) == (self.deployment_num, self.config_hash)
+        return replica.owned
 
 
 @dataclass
 class Plan:
-    create: list[int] = field(default_factory=list)
-    """Replica numbers to start at the target deployment."""
+    create: list[Slot] = field(default_factory=list)
+    """Slots to start a replica of the target deployment in."""
     drain: list[str] = field(default_factory=list)
     """Serving containers to take out of rotation, drain, then stop."""
     remove: list[str] = field(default_factory=list)
     """Containers that serve nothing: stop at once."""
     waiting_for: list[str] = field(default_factory=list)
     """Current replicas that are not ready yet (the agent holds a rollout's deadline to them)."""
-    failed: list[int] = field(default_factory=list)
-    """Replica numbers of the target that failed (exited, or could not be created)."""
+    failed: list[Slot] = field(default_factory=list)
+    """Slots of the target whose replica failed (exited, or could not be created)."""
     rolling: bool = False
     """Old replicas still serve: replacing them one at a time."""
     complete: bool = False
@@ -59,26 +69,27 @@ def _preference(replica: Observed) -> tuple[bool, bool, bool, str]:
     return (not replica.ready, not replica.running, replica.failed, replica.key)
 
 
-def plan(target: Target, observed: list[Observed], create_failed: set[int]) -> Plan:
+def plan(target: Target, observed: list[Observed], create_failed: set[Slot]) -> Plan:
     result = Plan()
-    kept: dict[int, Observed] = {}
+    wanted = set(target.slots)
+    kept: dict[Slot, Observed] = {}
     for replica in sorted((r for r in observed if target.owns(r)), key=_preference):
-        if 0 <= replica.replica_num < target.replicas and replica.replica_num not in kept:
-            kept[replica.replica_num] = replica
+        if replica.slot in wanted and replica.slot not in kept:
+            kept[replica.slot] = replica
         elif replica.ready:
             result.drain.append(replica.key)  # scale down, or a duplicate that serves
         else:
             result.remove.append(replica.key)
     old_serving = [r for r in observed if not target.owns(r) and r.ready]
     result.remove += [r.key for r in observed if not target.owns(r) and not r.ready]
-    missing = [num for num in range(target.replicas) if num not in kept and num not in create_failed]
-    result.failed = sorted([num for num, r in kept.items() if r.failed] + list(create_failed))
+    missing = [slot for slot in target.slots if slot not in kept and slot not in create_failed]
+    result.failed = sorted([slot for slot, r in kept.items() if r.failed] + list(create_failed))
 
     if not old_serving:
         result.create = missing
         # A rollout's deadline holds also when nothing old serves (it was not ready either).
         result.waiting_for = [r.key for r in kept.values() if not r.ready and not r.failed]
-        result.complete = len(kept) == target.replicas and all(r.ready for r in kept.values())
+        result.complete = len(kept) == len(wanted) and all(r.ready for r in kept.values())
         result.complete = result.complete and not result.remove and not result.drain
         return result
 
@@ -89,11 +100,18 @@ def plan(target: Target, observed: list[Observed], create_failed: set[int]) -> P
     if pending:
         result.waiting_for = pending
         return result
-    replaced = [r for r in old_serving if r.replica_num in kept or r.replica_num >= target.replicas]
+    replaced = [r for r in old_serving if r.slot in kept or r.slot not in wanted]
     if replaced:
-        result.drain.append(min(replaced, key=lambda r: (r.replica_num, r.key)).key)
+        result.drain.append(min(replaced, key=_slot_order(target)).key)
     elif missing:
         result.create = [missing[0]]
     else:  # old replicas of numbers the target does not have: retire one
         result.drain.append(old_serving[0].key)
     return result
+
+
+def _slot_order(target: Target) -> Callable[[Observed], tuple[int, str]]:
+    """Old replicas are replaced in the target's slot order (groups as written, then numbers);
+    those of slots it no longer has go last."""
+    order = {slot: index for index, slot in enumerate(target.slots)}
+    return lambda r: (order.get(r.slot, len(order)), r.key)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from dstackctl.agent.desired import Deployment, Desired
-from dstackctl.agent.rollout_plan import Plan
+from dstackctl.agent.rollout_plan import Plan, Slot, slot_name
 from dstackctl.status import RolloutStatus
 from dstackctl.timeutil import utc_now
 
@@ -59,7 +59,7 @@ class RolloutMonitor:
         self,
         desired: Desired,
         steps: Plan,
-        why_failed: Callable[[int], str],
+        why_failed: Callable[[Slot], str],
         why_waiting: Callable[[str], tuple[str, str]],
     ) -> None:
         """After a reconcile round: finish, roll back, or keep waiting."""
@@ -86,11 +86,11 @@ class RolloutMonitor:
         steps: Plan,
         number: int,
         timeout: int,
-        why_failed: Callable[[int], str],
+        why_failed: Callable[[Slot], str],
         why_waiting: Callable[[str], tuple[str, str]],
     ) -> str | None:
-        for num in steps.failed:
-            return f"replica={num} (deployment {number}) failed: {why_failed(num)}"
+        for slot in steps.failed:
+            return f"{slot_name(slot)} (deployment {number}) failed: {why_failed(slot)}"
         now = time.monotonic()
         for key in steps.waiting_for:
             since = self._waiting_since.setdefault(key, now)

@@ -26,17 +26,18 @@ from dstackctl.agent.phases import (
     Phase,
     ReplicaBook,
     ReplicaKey,
+    ReplicaState,
     container_of,
     key_of,
 )
 from dstackctl.agent.provisioning import Provisioner
 from dstackctl.agent.publishing import Facts, StatusPublisher
 from dstackctl.agent.recovery import Action, Repair, RetryPolicy, hung, plan_repairs
-from dstackctl.agent.rollout_plan import Observed, Target, plan
+from dstackctl.agent.rollout_plan import Observed, Slot, Target, plan, slot_name
 from dstackctl.agent.rollouts import RolloutMonitor
 from dstackctl.agent.row_lookups import RowLookups
 from dstackctl.docker import DockerEngine, DockerError
-from dstackctl.labels import DEFAULT_GROUP, service_labels
+from dstackctl.labels import service_labels
 from dstackctl.probes import ProbeRunner
 from dstackctl.replica import Replica
 from dstackctl.replica_spec import stop_grace_seconds
@@ -79,7 +80,7 @@ class ServiceAgent:
         self._containers: list[Replica] = []
         self._seen_running: dict[str, float] = {}
         self._stopped_by_outage: set[str] = set()
-        self._first_failure: dict[tuple[int, int], float] = {}
+        self._first_failure: dict[ReplicaKey, float] = {}
 
     # --- process ------------------------------------------------------------------------
 
@@ -166,7 +167,9 @@ class ServiceAgent:
         self.endpoint.bind(desired.spec.endpoint_port)
         engine = self._connect()
         target = self.rollouts.target(desired)
-        self.book.want(ReplicaKey(DEFAULT_GROUP, num, target.number) for num in range(target.replicas))
+        router = target.config.router_group
+        self.endpoint.route_to(router.name if router else None)
+        self.book.want(ReplicaKey(group, num, target.number) for group, num in target.slots)
         self._note_facts(desired, target)
         self._observe(engine)
         if self._repair(engine, target):
@@ -174,9 +177,9 @@ class ServiceAgent:
         self._watch_probes(desired, target)
         self._refresh_slots(target)
         steps = plan(
-            Target(target.number, target.config_hash, target.replicas),
+            Target(tuple(target.slots)),
             [self._planned(c, target) for c in self._containers],
-            self.provisioner.failed_nums(target),
+            self.provisioner.failed_slots(target),
         )
         self.publisher.publish()
         if steps.remove:
@@ -218,16 +221,15 @@ class ServiceAgent:
         state = self.book.get(replica.id)
         live = replica.status in LIVE_STATES
         ready = state is not None and state.ready
-        old = not target.owns(replica.deployment_num, replica.config_hash)
+        old = not _owns(target, replica)
         if old and live and state is not None and not state.probed and state.phase is not Phase.DRAINING:
             # Not probed yet (a restarted agent's first look): an old replica that may be
             # serving is drained in its turn, never removed before a new one is ready.
             ready = True
         return Observed(
             key=replica.id,
-            replica_num=replica.replica_num,
-            deployment_num=replica.deployment_num,
-            config_hash=replica.config_hash,
+            slot=(replica.group, replica.replica_num),
+            owned=not old,
             running=live,
             ready=ready,
             failed=replica.status in EXITED_STATES,
@@ -235,22 +237,22 @@ class ServiceAgent:
 
     def _refresh_slots(self, target: Deployment) -> None:
         """A row for each replica of the target that has no container (yet)."""
-        present: set[int] = set()
-        others: set[int] = set()
+        present: set[Slot] = set()
+        others: set[Slot] = set()
         for state in self.book.replicas():
             if state.container is not None:
-                owned = target.owns(state.key.deployment_num, state.container.config_hash)
-                (present if owned else others).add(state.key.replica_num)
+                slot = (state.key.group, state.key.replica_num)
+                (present if _state_owned(target, state) else others).add(slot)
         keep = []
-        for num in range(target.replicas):
-            if num in present:
+        for slot in target.slots:
+            if slot in present:
                 continue
-            key = ReplicaKey(DEFAULT_GROUP, num, target.number)
+            key = ReplicaKey(*slot, target.number)
             keep.append(key)
-            failure = self.provisioner.failure(target, num)
+            failure = self.provisioner.failure(target, slot)
             if failure:
                 self.book.slot(key, failure, failed=True)
-            elif num in others:
+            elif slot in others:
                 self.book.slot(key, "waits for its turn in the rolling update")
             else:
                 self.book.slot(key, "waiting for the agent")
@@ -267,13 +269,13 @@ class ServiceAgent:
                 self.runner.forget(key)
         for replica in running.values():
             assert replica.host_port is not None
-            deployment = desired.deployment(replica.deployment_num, replica.config_hash) or target
+            deployment = self._deployment_of(replica) or target
+            group = deployment.group_of(replica.group) or target.group_of(replica.group)
+            probes, urls = (group.probes, group.probe_urls) if group else ([], [])
             address = None
             if replica.ip_address:
                 address = (replica.ip_address, replica.container_port or target.config.port.container_port)
-            self.runner.watch(
-                replica.id, "127.0.0.1", replica.host_port, deployment.probes, deployment.probe_urls, address
-            )
+            self.runner.watch(replica.id, "127.0.0.1", replica.host_port, probes, urls, address)
 
     def _probe_changed(self, container_id: str) -> None:
         snapshot = self.runner.snapshot(container_id) if self.runner else None
@@ -284,7 +286,7 @@ class ServiceAgent:
         self.book.probed(container_id, in_rotation, probes, checked)
         state = self.book.get(container_id)
         if state is not None and state.ready:
-            self._first_failure.pop((state.key.replica_num, state.key.deployment_num), None)
+            self._first_failure.pop(state.key, None)
 
     # --- repairs, stops and creates -----------------------------------------------------
 
@@ -296,15 +298,15 @@ class ServiceAgent:
         replicas = [s for s in self.book.replicas() if s.container is not None]
         for state in replicas:
             assert state.container is not None
-            if target.owns(state.key.deployment_num, state.container.config_hash) and (
+            if _state_owned(target, state) and (
                 state.container.docker_status in EXITED_STATES or hung(state)
             ):
-                self._first_failure.setdefault((state.key.replica_num, state.key.deployment_num), now)
+                self._first_failure.setdefault(state.key, now)
         failing_for = {key: now - since for key, since in self._first_failure.items()}
         rolling = self.rollouts.status is not None and self.rollouts.status.active
         actions = plan_repairs(
             replicas,
-            (target.number, target.config_hash),
+            lambda state: _state_owned(target, state),
             policy,
             rolling,
             self._stopped_by_outage,
@@ -324,10 +326,11 @@ class ServiceAgent:
             engine.start(container.id)
             return
         if action.repair is Repair.REPLACE:
-            key = (action.replica.key.replica_num, action.replica.key.deployment_num)
+            key = action.replica.key
             count = self.facts.restarts.get(key, (0, ""))[0] + 1
             self.facts.restarts[key] = (count, action.reason)
-            log.info("replica %d %s; replacing it (retry %d)", key[0], action.reason, count)
+            name = slot_name((key.group, key.replica_num))
+            log.info("%s %s; replacing it (retry %d)", name, action.reason, count)
         else:
             log.info("removing %s: %s (an interrupted agent)", container.name, action.reason)
         engine.stop_and_remove(container.id, 0)
@@ -359,11 +362,11 @@ class ServiceAgent:
             list(pool.map(stop_one, ids))
         self._containers = [c for c in self._containers if c.id not in ids]
 
-    def _create(self, engine: DockerEngine, desired: Desired, target: Deployment, nums: list[int]) -> None:
+    def _create(self, engine: DockerEngine, desired: Desired, target: Deployment, slots: list[Slot]) -> None:
         def stop_first(container_id: str) -> None:
             self._stop_containers(engine, [container_id], drain=True)
 
-        created = self.provisioner.create(engine, desired, target, nums, self._containers, stop_first)
+        created = self.provisioner.create(engine, desired, target, slots, self._containers, stop_first)
         self._containers = [*self._containers, *created]
         for replica in created:
             self._seen_running[replica.id] = time.monotonic()
@@ -374,16 +377,19 @@ class ServiceAgent:
 
     def _deployment_of(self, replica: Replica) -> Deployment | None:
         desired = self._desired
-        return desired.deployment(replica.deployment_num, replica.config_hash) if desired else None
+        if desired is None:
+            return None
+        return desired.deployment(
+            replica.group, replica.deployment_num, replica.config_hash, replica.group_hash
+        )
 
-    def _why_failed(self, target: Deployment) -> Callable[[int], str]:
-        def why(num: int) -> str:
-            failure = self.provisioner.failure(target, num)
+    def _why_failed(self, target: Deployment) -> Callable[[Slot], str]:
+        def why(slot: Slot) -> str:
+            failure = self.provisioner.failure(target, slot)
             if failure:
                 return failure
-            rows = [
-                r for r in self.publisher.rows() if r.replica_num == num and r.deployment_num == target.number
-            ]
+            rows = [r for r in self.publisher.rows() if (r.group, r.replica_num) == slot]
+            rows.sort(key=lambda r: r.deployment_num != target.number)  # its own first
             return next((r.message for r in rows if r.message), "exited")
 
         return why
@@ -392,4 +398,17 @@ class ServiceAgent:
         row = next((r for r in self.publisher.rows() if r.container_id == container_id), None)
         if row is None:
             return "a new replica", ""
-        return f"replica={row.replica_num}", f": {row.describe_probes('probe ') or row.message or row.status}"
+        return slot_name(
+            (row.group, row.replica_num)
+        ), f": {row.describe_probes('probe ') or row.message or row.status}"
+
+
+def _owns(target: Deployment, replica: Replica) -> bool:
+    return target.owns(replica.group, replica.deployment_num, replica.config_hash, replica.group_hash)
+
+
+def _state_owned(target: Deployment, state: ReplicaState) -> bool:
+    container = state.container
+    if container is None:
+        return state.key.deployment_num == target.number
+    return target.owns(state.key.group, state.key.deployment_num, container.config_hash, container.group_hash)

@@ -233,31 +233,51 @@ def _roll_out_file(
 
 
 def _plan(
-    loaded: Any, service: str, env_values: dict[str, str], port: int | None, gpus: list[list[Any]] | None
+    loaded: Any,
+    service: str,
+    env_values: dict[str, str],
+    port: int | None,
+    gpus: list[tuple[str, int, list[Any]]] | None,
 ) -> str:
-    from dstackctl.replica_spec import entrypoint_and_command, image_of
-
     config = loaded.config
-    entrypoint, command = entrypoint_and_command(config)
-    gpu = config.resources.gpu
     local_port = port or config.port.local_port or config.port.container_port
     probes = ", ".join(f"{p.method.upper()} {p.url}" for p in config.effective_probes())
-    lines = [
+    header = [
         f"Plan for {service} (nothing was started):",
-        f"  image:     {image_of(config)}",
         f"  replicas:  {config.total_replicas}, each publishing container port "
         f"{config.port.container_port} on 127.0.0.1 (ephemeral host port)",
         f"  endpoint:  http://127.0.0.1:{local_port}",
-        f"  command:   {' '.join(entrypoint or [])} {' '.join(command or [])}".rstrip(),
         f"  env:       {', '.join(sorted(env_values)) or '(none)'}",
-        f"  gpu:       {gpu if gpu and gpu.wants_gpus else 'none'}",
-        *(
-            f"    replica={num}: " + ", ".join(f"GPU {g.index} ({g}, {g.uuid})" for g in chosen)
-            for num, chosen in enumerate(gpus or [])
-        ),
         f"  probes:    {probes or 'none'}",
     ]
+    if config.groups is None:
+        return "\n".join([*header[:1], *_group_lines(config, "0", gpus, "  "), *header[1:]])
+    lines = header
+    router = config.router_group
+    for name, count in config.group_counts.items():
+        role = ", takes the endpoint's traffic" if router is not None and router.name == name else ""
+        lines.append(f"  group {name} ({count} replica{'s' if count != 1 else ''}{role}):")
+        lines += _group_lines(config.for_group(name), name, gpus, "    ")
     return "\n".join(lines)
+
+
+def _group_lines(
+    config: Any, group: str, gpus: list[tuple[str, int, list[Any]]] | None, indent: str
+) -> list[str]:
+    from dstackctl.replica_spec import entrypoint_and_command, image_of
+
+    entrypoint, command = entrypoint_and_command(config)
+    gpu = config.resources.gpu
+    return [
+        f"{indent}image:     {image_of(config)}",
+        f"{indent}command:   {' '.join(entrypoint or [])} {' '.join(command or [])}".rstrip(),
+        f"{indent}gpu:       {gpu if gpu and gpu.wants_gpus else 'none'}",
+        *(
+            f"{indent}  replica={num}: " + ", ".join(f"GPU {g.index} ({g}, {g.uuid})" for g in chosen)
+            for name, num, chosen in gpus or []
+            if name == group
+        ),
+    ]
 
 
 def register(app: typer.Typer) -> None:

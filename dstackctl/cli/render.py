@@ -97,15 +97,39 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
         rows.append(row)
         if not verbose:
             continue
-        rows.extend(_replica_line(replica, run, with_gpus, wide) for replica in run.replicas)
+        for name, replica in _named_replicas(run):
+            rows.append([name, *_replica_line(replica, run, with_gpus, wide)])
     if not rows:
         return "No services. Start one with `dstackctl run -f FILE`."
     return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)
 
 
+def _named_replicas(run: RunView) -> list[tuple[str, ReplicaRow]]:
+    """dstack's NAME cells (cli/utils/run.py `_format_job_name`): `   group=0 replica=0
+    deployment=2`, the next replica of the same group aligned under `replica=`; `replica=` only
+    when there are several replica numbers."""
+    order = {name: index for index, name in enumerate(run.group_order)}
+    rows = sorted(
+        run.replicas, key=lambda r: (order.get(r.group, len(order)), r.replica_num, r.deployment_num)
+    )
+    show_replica = len({r.replica_num for r in rows}) > 1
+    named = []
+    last_index: int | None = None
+    for row in rows:
+        index = order.get(row.group, len(order))
+        if not show_replica:
+            name = "   "
+        elif index != last_index:
+            name = f"   group={index} replica={row.replica_num}"
+        else:
+            name = " " * (3 + len(f"group={last_index}") + 1) + f"replica={row.replica_num}"
+        last_index = index
+        named.append((f"{name} deployment={row.deployment_num}", row))
+    return named
+
+
 def _replica_line(replica: ReplicaRow, run: RunView, with_gpus: bool, wide: bool) -> list[str]:
     line = [
-        f"  replica={replica.replica_num} job={replica.job_num} deployment={replica.deployment_num}",
         "local",
         _replica_status(replica),
         _probe_symbols(replica),

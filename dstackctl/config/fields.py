@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from dstackctl.config.gpu import GpuSpec, parse_gpu_spec
+from dstackctl.config.group_refs import has_refs
 from dstackctl.config.interpolation import references
 from dstackctl.config.units import (
     Range,
@@ -82,9 +83,7 @@ def port_from_scalar(value: object) -> object:
             return {"container_port": int(text)}
         local, sep, container = text.partition(":")
         if sep and container.strip().isdigit():
-            local = local.strip()
-            if local == "*" or local == "":
-                return {"container_port": int(container)}
+            local = local.strip()  # dstack refuses `*:8000` (a task's form) for a service
             if local.isdigit():
                 return {"local_port": int(local), "container_port": int(container)}
     if isinstance(value, bool):
@@ -251,6 +250,8 @@ def _check_env_entry(entry: str) -> str:
         raise ValueError(
             f"{shown}: use letters, digits and _, not starting with a digit; write NAME=value or a bare NAME"
         )
+    if sep and has_refs(value):
+        raise ValueError("refers to a replica's address, which works in `commands` only (as in dstack)")
     if sep:
         references(value, SECRET_NAMESPACES)
     return entry

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, PlainSerializer, PlainValidator, field_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, PlainValidator, field_validator, model_validator
 
 from dstackctl.config.fields import (
     Duration,
@@ -20,6 +20,7 @@ from dstackctl.config.fields import (
     ignored_field,
     python_version,
 )
+from dstackctl.config.group_refs import ref_problems
 from dstackctl.config.issues import Loc
 from dstackctl.config.units import Range, format_duration, parse_count_range
 
@@ -123,6 +124,14 @@ class ReplicaGroup(Strict):
     def _name(cls, value: str) -> str:
         return check_group_name(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _count_unread_with_replicas(cls, data: Any) -> Any:
+        """dstack drops `count` unread when `replicas` is given too."""
+        if isinstance(data, dict) and data.get("replicas") is not None and "count" in data:
+            data = {key: value for key, value in data.items() if key != "count"}
+        return data
+
     @property
     def size(self) -> Range[int]:
         """`replicas`, or its alias `count` (dstack prefers `replicas` when both are given)."""
@@ -197,6 +206,7 @@ def service_problems(service: Any) -> list[tuple[Loc, str]]:
         for key, other in EXCLUSIVE_SOURCES[1:]
         if _given(getattr(service, key), key) and _given(getattr(service, other), other)
     ]
+    found += _address_problems(service)
     if service.groups is None:
         if not service.commands and not service.image:
             found.append(((), "nothing to run: set `commands`, or `image` to run the image's own command"))
@@ -214,12 +224,28 @@ def service_problems(service: Any) -> list[tuple[Loc, str]]:
             both = ", ".join(str(g.name) for g in groups if getattr(g, key) is not None)
             if both:
                 found.append(((key,), f"`{key}` is set here and in group(s) {both}; set it in one place"))
-    for key, other in EXCLUSIVE_SOURCES + tuple((b, a) for a, b in EXCLUSIVE_SOURCES):
+    across = (*EXCLUSIVE_SOURCES, ("image", "nvcc"))  # dstack allows image with nvcc in one place only
+    for key, other in across + tuple((b, a) for a, b in across):
         if _given(getattr(service, key), key):
             clash = ", ".join(str(g.name) for g in groups if getattr(g, other) is not None)
             if clash:
                 found.append(((key,), f"`{key}` here conflicts with `{other}` in group(s) {clash}"))
     return found + _each_group_problems(service, groups)
+
+
+def _address_problems(service: Any) -> list[tuple[Loc, str]]:
+    """`${{ groups[i].replicas[j].IP_ADDRESS }}`: in commands only, and within the groups."""
+    found: list[tuple[Loc, str]] = []  # `env`: refused with the entry (fields.py)
+    groups = service.replica_groups
+    minimums = [g.size.min or 0 for g in groups]
+    commands: list[tuple[Loc, str]] = [(("commands", k), c) for k, c in enumerate(service.commands)]
+    if service.groups is not None:
+        commands = [
+            (("groups", i, "commands", k), c) for i, g in enumerate(groups) for k, c in enumerate(g.commands)
+        ]
+    for where, command in commands:
+        found += [(where, message) for message in ref_problems(command, minimums)]
+    return found
 
 
 def _each_group_problems(service: Any, groups: list[ReplicaGroup]) -> list[tuple[Loc, str]]:

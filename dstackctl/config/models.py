@@ -170,6 +170,35 @@ class ServiceConfiguration(Strict):
     def total_replicas(self) -> int:
         return sum(self.group_counts.values())
 
+    @property
+    def router_group(self) -> ReplicaGroup | None:
+        return next((g for g in self.replica_groups if g.router is not None), None)
+
+    def for_group(self, name: str) -> ServiceConfiguration:
+        """What one group's replicas run: the group's fields over the service's (as dstack's
+        ServiceJobConfigurator): its commands, resources and image source; the rest is shared."""
+        if self.groups is None:
+            return self
+        group = next(g for g in self.replica_groups if g.name == name)
+        update: dict[str, Any] = {
+            "groups": None,
+            "replicas": group.size,
+            "scaling": group.scaling,
+            "commands": group.commands,
+            "resources": group.resources,
+        }
+        update.update(
+            {key: getattr(group, key) for key in ("image", "python", "nvcc") if getattr(group, key)}
+        )
+        if group.docker:
+            update["docker"] = True
+        if group.privileged is not None:
+            update["privileged"] = group.privileged
+        router = self.router_group
+        if router is not None and router.name != name and self.probes is None:
+            update["probes"] = []  # dstack: only the router gets the default model probe
+        return self.model_copy(update=update)
+
     def problems(self) -> list[tuple[Loc, str]]:
         """Rules that span fields, each with the path it is about."""
         found = cross_field_problems(

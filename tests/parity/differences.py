@@ -50,20 +50,7 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     r"case/ok-range-(with-scaling|from-zero|without-minimum)": _RANGES,
     r"case/ok-scaling-(window-30s|window-5m|delays)": _RANGES,
     r"case/ok-group-range-with-scaling": _RANGES,
-    r"case/bad-(image-service-nvcc-group|nvcc-service-image-group)": (
-        "pending issue 12: dstack refuses `image` at the service level with `nvcc` in a group (and "
-        "`nvcc` above with `image` in a group), although it allows the two together at one level; "
-        "dstackctl checks neither pair across levels."
-    ),
     r"case/ok-(user|commands|group-name)-number": _NUMBERS,
-    r"case/ok-group-count-and-replicas": (
-        "no issue yet: dstackctl checks a group's `count` even when `replicas` is given too, while "
-        "dstack drops `count` unread in that case, so a bad `count` next to `replicas` runs there."
-    ),
-    r"case/bad-port-star": (
-        "no issue yet: dstackctl reads `port: '*:8000'` as container port 8000 (the form of a task's "
-        "`ports`), which dstack refuses for a service, so such a file does not run on dstack."
-    ),
     r"case/ok-scaling-without-replicas": _SCALING_WITHOUT_REPLICAS,
     r"case/ok-duplicate-key": (
         "A key given twice is an error in dstackctl (with both lines); PyYAML, which dstack uses, "

@@ -134,3 +134,46 @@ def test_cloud_keys_of_a_group_and_dstack_true_warn_with_their_lines() -> None:
 def test_every_group_rule_of_dstack_is_refused_with_its_line(body: str, expected: str) -> None:
     found = problems("type: service\nname: svc\nport: 8000\n" + body)
     assert any(line.startswith(expected) for line in found), found
+
+
+def test_docker_true_runs_the_dind_image_privileged_with_dockerd_started_first() -> None:
+    from pathlib import Path
+
+    from dstackctl.replica_spec import build_replica_spec, image_of
+
+    group = "{name: dind, count: 1, docker: true, commands: [docker ps]}"
+    text = f"type: service\nport: 80\nreplicas:\n  - {group}\n"
+    config = parse_service(text).config.for_group("dind")
+    assert image_of(config, {}) == "dstackai/dind"
+    assert image_of(config, {"DSTACK_DIND_IMAGE": "my/dind"}) == "my/dind"
+    spec = build_replica_spec(
+        config=config,
+        run_name="svc",
+        run_id="r",
+        home=Path("/tmp"),
+        group="dind",
+        replica_num=0,
+        deployment_num=0,
+        cfg_hash="h",
+        env_values={},
+        config_dir=Path("/tmp"),
+        container_suffix="x",
+    )
+    assert spec.privileged
+    assert spec.entrypoint == ["/bin/bash", "-c"] and spec.command == ["start-dockerd && docker ps"]
+    assert spec.labels["dstackctl.group"] == "dind" and spec.name == "dstackctl-svc-dind-0-x"
+
+
+def test_a_group_takes_its_own_image_commands_resources_and_probes() -> None:
+    config = parse_service(PD.replace("probes", "p"), "pd.yml").config
+    prefill = config.for_group("prefill")
+    assert (prefill.image, prefill.commands, prefill.groups) == ("lmsysorg/sglang", ["serve --prefill"], None)
+    assert prefill.resources.gpu is not None
+    decode = config.for_group("2")
+    assert (decode.python, decode.image, decode.resources.gpu) == ("3.12", None, None)
+
+
+def test_with_a_router_only_the_router_gets_the_default_model_probe() -> None:
+    config = parse_service(PD + "model: m\n", "pd.yml").config
+    assert [p.url for p in config.for_group("router").effective_probes()] == ["/v1/chat/completions"]
+    assert config.for_group("prefill").effective_probes() == []

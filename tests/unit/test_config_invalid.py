@@ -97,6 +97,7 @@ CASES = [
     case(
         "port-float", "type: service\nport: 8000.5\n", 2, "port", "expected a port such as 8000", head=False
     ),
+    case("port-star", "type: service\nport: '*:8000'\nimage: a\n", 2, "port", "got '*:8000'", head=False),
     case("port-bool", "type: service\nport: true\n", 2, "port", "got true", head=False),
     case(
         "port-local-too-large",

@@ -240,7 +240,6 @@ def test_gpu_forms(written: str, expected: GpuSpec) -> None:
         ("8000", 8000, None),
         ('"8000"', 8000, None),
         ('"8080:8000"', 8000, 8080),
-        ('"*:8000"', 8000, None),
         ("{container_port: 8000}", 8000, None),
         ("{container_port: 8000, local_port: 9000}", 8000, 9000),
         ("1", 1, None),

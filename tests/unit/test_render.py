@@ -42,8 +42,8 @@ def test_verbose_rows_keep_the_replicas_indented_under_their_run() -> None:
 
     assert header.split() == ["NAME", "BACKEND", "STATUS", "PROBES", "SUBMITTED", "URL", "MESSAGE"]
     assert run_row.startswith("llama31 deployment=2 ")
-    assert first.startswith("  replica=0 job=0 deployment=2  local")
-    assert second.startswith("  replica=1 job=0 deployment=2  local")
+    assert first.startswith("   group=0 replica=0 deployment=2  local")
+    assert second.startswith("           replica=1 deployment=2  local")
     assert "✓" in first.split()
     assert "~×" in second.split()
 
@@ -57,3 +57,24 @@ def test_the_plain_listing_has_one_row_per_run() -> None:
 
 def test_no_runs_says_how_to_start_one() -> None:
     assert runs_table([], verbose=True, wide=False) == "No services. Start one with `dstackctl run -f FILE`."
+
+
+def _grouped(group: str, num: int) -> ReplicaRow:
+    return ReplicaRow(replica_num=num, deployment_num=2, group=group, status="running")
+
+
+def test_groups_show_as_dstack_shows_them_by_position_with_replicas_aligned() -> None:
+    view = _view([_grouped("workers", 1), _grouped("router", 0), _grouped("workers", 0)])
+    config = {"replicas": [{"name": "router", "count": 1}, {"name": "workers", "count": 2}]}
+    view.spec = SpecDocument("llama31", "r1", DeploymentRecord(2, "h", 3, config))
+    names = [line[:34].rstrip() for line in runs_table([view], verbose=True, wide=False).splitlines()[2:]]
+    assert names == [
+        "   group=0 replica=0 deployment=2",
+        "   group=1 replica=0 deployment=2",
+        "           replica=1 deployment=2",
+    ]
+
+
+def test_one_replica_shows_no_replica_number_as_in_dstack() -> None:
+    line = runs_table([_view([_replica(0, ["✓"])])], verbose=True, wide=False).splitlines()[2]
+    assert line.split()[:2] == ["deployment=2", "local"] and line.startswith("    deployment=2 ")

@@ -2,18 +2,49 @@
 
 from __future__ import annotations
 
-from dstackctl.agent.rollout_plan import Observed, Target, plan
+from dataclasses import dataclass, replace
+from typing import Any
+
+from dstackctl.agent import rollout_plan
+from dstackctl.agent.desired import Deployment
+from dstackctl.agent.rollout_plan import Observed, Plan, Slot
+from dstackctl.spec_document import DeploymentRecord
+
+# Most cases are about a service without groups: one group, "0", and a deployment owns the
+# containers started for it. Target(dep, hash, n) and _r(key, num, dep) say that briefly.
 
 
-def _r(key: str, num: int, dep: int, *, ready: bool = True, failed: bool = False) -> Observed:
-    return Observed(
-        key=key,
-        replica_num=num,
-        deployment_num=dep,
-        config_hash=f"h{dep}",
-        running=not failed,
-        ready=ready and not failed,
-        failed=failed,
+@dataclass(frozen=True)
+class Target:
+    deployment_num: int
+    config_hash: str
+    replicas: int
+
+
+@dataclass(frozen=True)
+class _R:
+    key: str
+    num: int
+    dep: int
+    ready: bool
+    failed: bool
+
+
+def _r(key: str, num: int, dep: int, *, ready: bool = True, failed: bool = False) -> _R:
+    return _R(key, num, dep, ready and not failed, failed)
+
+
+def plan(target: Target, observed: list[_R], create_failed: set[int]) -> Plan:
+    slots = tuple(("0", num) for num in range(target.replicas))
+    seen = [
+        Observed(r.key, ("0", r.num), r.dep == target.deployment_num, not r.failed, r.ready, r.failed)
+        for r in observed
+    ]
+    result = rollout_plan.plan(rollout_plan.Target(slots), seen, {("0", n) for n in create_failed})
+    return replace(
+        result,
+        create=[num for _, num in result.create],  # type: ignore[misc]
+        failed=[num for _, num in result.failed],  # type: ignore[misc]
     )
 
 
@@ -82,10 +113,35 @@ def test_duplicates_keep_the_ready_one() -> None:
     assert step.remove == ["x"] and step.create == []
 
 
-def test_restart_with_the_same_config_counts_the_deployment_number() -> None:
-    same_hash = [Observed("a", 0, 0, "h", True, True, False)]
-    step = plan(Target(1, "h", 1), same_hash, set())
-    assert step.rolling and step.create == [0]
+GROUPS = {
+    "type": "service",
+    "port": 8000,
+    "replicas": [
+        {"name": "router", "count": 1, "image": "r", "router": {"type": "smg"}},
+        {"name": "workers", "count": 2, "image": "w"},
+    ],
+}
+
+
+def _deployment(number: int, config: dict[str, Any], restart: bool = False) -> Deployment:
+    record = DeploymentRecord(number, f"h{number}", 3, config, group_replicas={"router": 1, "workers": 2})
+    return Deployment.load(replace(record, restart=restart), {})
+
+
+def test_a_deployment_owns_containers_of_groups_it_did_not_change_unless_it_restarts() -> None:
+    before = _deployment(0, GROUPS)
+    changed = {**GROUPS, "replicas": [GROUPS["replicas"][0], {"name": "workers", "count": 2, "image": "w2"}]}
+    after = _deployment(1, changed)
+    router, workers = before.groups["router"], before.groups["workers"]
+    assert after.groups["router"].spec_hash == router.spec_hash
+    assert after.groups["workers"].spec_hash != workers.spec_hash
+    assert after.owns("router", 0, "h0", router.spec_hash)  # kept as it is
+    assert not after.owns("workers", 0, "h0", workers.spec_hash)  # replaced
+    assert after.owns("workers", 1, "h1")  # started for it
+    assert not after.owns("router", 0, "h0", "")  # a container from before group hashes
+    restart = _deployment(1, GROUPS, restart=True)  # `redeploy` of the same config
+    assert not restart.owns("router", 0, "h0", router.spec_hash)
+    assert not after.owns("gone", 0, "h1")
 
 
 def test_create_failures_are_not_retried_and_are_reported() -> None:
@@ -99,3 +155,37 @@ def test_not_ready_replicas_count_against_a_deadline_even_when_nothing_old_serve
     step = plan(T1, [_r("a", 0, 0, ready=False), _r("n0", 0, 1, ready=False)], set())
     assert not step.rolling
     assert step.waiting_for == ["n0"] and step.remove == ["a"]
+
+
+# --- replica groups ----------------------------------------------------------------------
+
+
+def _g(key: str, slot: Slot, owned: bool, ready: bool = True) -> Observed:
+    return Observed(key, slot, owned, True, ready, False)
+
+
+def test_groups_start_all_their_slots_at_once() -> None:
+    target = rollout_plan.Target((("router", 0), ("workers", 0), ("workers", 1)))
+    step = rollout_plan.plan(target, [], set())
+    assert step.create == [("router", 0), ("workers", 0), ("workers", 1)]
+
+
+def test_a_rollout_replaces_only_the_replicas_the_target_does_not_own() -> None:
+    # The router's group did not change: the target owns its container, which stays.
+    target = rollout_plan.Target((("router", 0), ("workers", 0)))
+    router = _g("r", ("router", 0), owned=True)
+    old_worker = _g("w", ("workers", 0), owned=False)
+    step = rollout_plan.plan(target, [router, old_worker], set())
+    assert (step.create, step.drain, step.rolling) == ([("workers", 0)], [], True)
+    new_worker = _g("w2", ("workers", 0), owned=True)
+    step = rollout_plan.plan(target, [router, old_worker, new_worker], set())
+    assert step.drain == ["w"]
+    step = rollout_plan.plan(target, [router, new_worker], set())
+    assert step.complete and not step.drain and not step.remove
+
+
+def test_old_replicas_are_replaced_in_the_order_of_the_groups() -> None:
+    target = rollout_plan.Target((("a", 0), ("b", 0)))
+    old = [_g("ob", ("b", 0), owned=False), _g("oa", ("a", 0), owned=False)]
+    new = [_g("na", ("a", 0), owned=True), _g("nb", ("b", 0), owned=True)]
+    assert rollout_plan.plan(target, [*old, *new], set()).drain == ["oa"]
