@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dstackctl.config.models import ServiceConfiguration
 from dstackctl.config.probe_model import ProbeConfig
@@ -12,6 +12,10 @@ from dstackctl.config.probe_values import resolve_probes
 from dstackctl.replica_spec import config_hash as hash_of
 from dstackctl.spec_document import DeploymentRecord, SpecDocument
 from dstackctl.store import SECRETS, SPEC, Store
+
+if TYPE_CHECKING:
+    from dstackctl.agent.phases import ReplicaState
+    from dstackctl.replica import Replica
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,17 @@ class Deployment:
         if (deployment_num, config_hash) == (self.number, self.config_hash):
             return True
         return not self.restart and bool(group_hash) and group_hash == target.spec_hash
+
+    def owns_replica(self, replica: Replica) -> bool:
+        return self.owns(replica.group, replica.deployment_num, replica.config_hash, replica.group_hash)
+
+    def owns_state(self, state: ReplicaState) -> bool:
+        container = state.container
+        if container is None:
+            return state.key.deployment_num == self.number
+        return self.owns(
+            state.key.group, state.key.deployment_num, container.config_hash, container.group_hash
+        )
 
     def group_of(self, group: str) -> GroupTarget | None:
         return self.groups.get(group)

@@ -34,6 +34,32 @@ class Provisioner:
         self.failures: dict[tuple[Slot, int, str], str] = {}
         self.gpus: list[Gpu] | None = None
         self._network: str | None = None  # the service network this agent made sure of
+        self._waiting_for_addresses: dict[Slot, str] = {}
+
+    def show_slots(self, target: Deployment) -> None:
+        """A row for each replica of the target that has no container (yet), saying why."""
+        present: set[Slot] = set()
+        others: set[Slot] = set()
+        for state in self._book.replicas():
+            if state.container is not None:
+                slot = (state.key.group, state.key.replica_num)
+                (present if target.owns_state(state) else others).add(slot)
+        keep = []
+        for slot in target.slots:
+            if slot in present:
+                continue
+            key = _key(target, slot)
+            keep.append(key)
+            failure = self.failure(target, slot)
+            if failure:
+                self._book.slot(key, failure, failed=True)
+            elif slot in self._waiting_for_addresses:
+                self._book.slot(key, self._waiting_for_addresses[slot])
+            elif slot in others:
+                self._book.slot(key, "waits for its turn in the rolling update")
+            else:
+                self._book.slot(key, "waiting for the agent")
+        self._book.clear_slots(keep)
 
     def failed_slots(self, target: Deployment) -> set[Slot]:
         return {slot for (slot, number, config_hash) in self.failures if (number, config_hash) == _id(target)}
@@ -161,8 +187,11 @@ class Provisioner:
     def _addresses_known(self, target: Deployment, slot: Slot, addresses: _Addresses) -> bool:
         """A replica whose commands use other replicas' addresses starts once they are known."""
         missing = addresses.missing(target.groups[slot[0]].config)
+        self._waiting_for_addresses.pop(slot, None)
         if missing:
-            self._book.slot(_key(target, slot), f"waits for the address of {', '.join(missing)}")
+            message = f"waits for the address of {', '.join(missing)}"
+            self._waiting_for_addresses[slot] = message
+            self._book.slot(_key(target, slot), message)
         return not missing
 
     def _fail(self, target: Deployment, slot: Slot, reason: str) -> None:

@@ -26,7 +26,6 @@ from dstackctl.agent.phases import (
     Phase,
     ReplicaBook,
     ReplicaKey,
-    ReplicaState,
     container_of,
     key_of,
 )
@@ -35,6 +34,7 @@ from dstackctl.agent.publishing import Facts, StatusPublisher
 from dstackctl.agent.recovery import Action, Repair, RetryPolicy, hung, plan_repairs
 from dstackctl.agent.rollout_plan import Observed, Slot, Target, plan, slot_name
 from dstackctl.agent.rollouts import RolloutMonitor
+from dstackctl.agent.router_workers import RouterWorkers
 from dstackctl.agent.row_lookups import RowLookups
 from dstackctl.docker import DockerEngine, DockerError
 from dstackctl.labels import service_labels
@@ -73,6 +73,7 @@ class ServiceAgent:
         sources = RowLookups(lambda: self.engine, lambda: self._desired, self.provisioner)
         self.publisher = StatusPublisher(store, name, self.book, self.facts, sources)
         self.rollouts = RolloutMonitor(None)
+        self.router_workers = RouterWorkers()
         self.runner: ProbeRunner | None = None
         self._reader = DesiredReader(store, name)
         self._labels = service_labels(name, store.home)
@@ -106,6 +107,7 @@ class ServiceAgent:
         finally:
             self.stop.set()
             self.runner.close()
+            self.router_workers.close()
             self.endpoint.close()
             publisher.join(1.0)
 
@@ -175,7 +177,7 @@ class ServiceAgent:
         if self._repair(engine, target):
             self._observe(engine)
         self._watch_probes(desired, target)
-        self._refresh_slots(target)
+        self.provisioner.show_slots(target)
         steps = plan(
             Target(tuple(target.slots)),
             [self._planned(c, target) for c in self._containers],
@@ -190,6 +192,7 @@ class ServiceAgent:
             self._create(engine, desired, target, steps.create)
         self.rollouts.follow(desired, steps, self._why_failed(target), self._why_waiting)
         self.facts.rollout = self.rollouts.status
+        self.router_workers.follow(target, self._containers, self.book)
         self.publisher.publish()
 
     def _note_facts(self, desired: Desired, target: Deployment) -> None:
@@ -221,7 +224,7 @@ class ServiceAgent:
         state = self.book.get(replica.id)
         live = replica.status in LIVE_STATES
         ready = state is not None and state.ready
-        old = not _owns(target, replica)
+        old = not target.owns_replica(replica)
         if old and live and state is not None and not state.probed and state.phase is not Phase.DRAINING:
             # Not probed yet (a restarted agent's first look): an old replica that may be
             # serving is drained in its turn, never removed before a new one is ready.
@@ -234,29 +237,6 @@ class ServiceAgent:
             ready=ready,
             failed=replica.status in EXITED_STATES,
         )
-
-    def _refresh_slots(self, target: Deployment) -> None:
-        """A row for each replica of the target that has no container (yet)."""
-        present: set[Slot] = set()
-        others: set[Slot] = set()
-        for state in self.book.replicas():
-            if state.container is not None:
-                slot = (state.key.group, state.key.replica_num)
-                (present if _state_owned(target, state) else others).add(slot)
-        keep = []
-        for slot in target.slots:
-            if slot in present:
-                continue
-            key = ReplicaKey(*slot, target.number)
-            keep.append(key)
-            failure = self.provisioner.failure(target, slot)
-            if failure:
-                self.book.slot(key, failure, failed=True)
-            elif slot in others:
-                self.book.slot(key, "waits for its turn in the rolling update")
-            else:
-                self.book.slot(key, "waiting for the agent")
-        self.book.clear_slots(keep)
 
     # --- probes -------------------------------------------------------------------------
 
@@ -298,15 +278,13 @@ class ServiceAgent:
         replicas = [s for s in self.book.replicas() if s.container is not None]
         for state in replicas:
             assert state.container is not None
-            if _state_owned(target, state) and (
-                state.container.docker_status in EXITED_STATES or hung(state)
-            ):
+            if target.owns_state(state) and (state.container.docker_status in EXITED_STATES or hung(state)):
                 self._first_failure.setdefault(state.key, now)
         failing_for = {key: now - since for key, since in self._first_failure.items()}
         rolling = self.rollouts.status is not None and self.rollouts.status.active
         actions = plan_repairs(
             replicas,
-            lambda state: _state_owned(target, state),
+            lambda state: target.owns_state(state),
             policy,
             rolling,
             self._stopped_by_outage,
@@ -401,14 +379,3 @@ class ServiceAgent:
         return slot_name(
             (row.group, row.replica_num)
         ), f": {row.describe_probes('probe ') or row.message or row.status}"
-
-
-def _owns(target: Deployment, replica: Replica) -> bool:
-    return target.owns(replica.group, replica.deployment_num, replica.config_hash, replica.group_hash)
-
-
-def _state_owned(target: Deployment, state: ReplicaState) -> bool:
-    container = state.container
-    if container is None:
-        return state.key.deployment_num == target.number
-    return target.owns(state.key.group, state.key.deployment_num, container.config_hash, container.group_hash)
