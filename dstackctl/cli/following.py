@@ -114,8 +114,8 @@ def attach(store: Any, service: str, engine: Any) -> int:
 def print_logs(lines: Any, prefix: bool) -> None:
     gc_policy.resume_for_a_long_run()
     out = sys.stdout.buffer
-    for num, line in lines:
+    for source, line in lines:
         if prefix:
-            out.write(f"replica={num} | ".encode())
+            out.write(f"{source} | ".encode())
         out.write(line)
         out.flush()
