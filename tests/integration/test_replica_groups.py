@@ -8,6 +8,8 @@ exports its own DEPLOYMENT_TAG before it starts httpd, so an answer says which g
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import requests
 from helpers import cli, free_port, ps_run, wait_until
 
 from dstackctl.labels import home_label
+from dstackctl.store import Store
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -86,6 +89,26 @@ def test_two_groups_serve_show_in_ps_and_a_redeploy_replaces_only_the_changed_gr
     assert after[("front", 0)] == before[("front", 0)], "the unchanged group's container was replaced"
     assert after[("back", 0)] != before[("back", 0)] and after[("back", 1)] != before[("back", 1)]
     assert answers(url) == {"duo 0 front", "duo 0 back2", "duo 1 back2"}
+
+    # A lost record is rebuilt from the containers' labels, groups and all.
+    store = Store(dstack_home)
+    agent = store.agent_holder("duo")
+    assert agent is not None
+    os.kill(agent, signal.SIGKILL)
+    wait_until(lambda: not store.agent_alive("duo"), timeout=10, what="the killed agent to let go")
+    (store.service_dir("duo") / "spec.json").unlink()
+    assert cli(capsys, "recover", "duo").code == 0
+
+    def serving_again() -> bool | None:
+        try:
+            return answers(url, 6) == {"duo 0 front", "duo 0 back2", "duo 1 back2"} or None
+        except requests.RequestException:
+            return None  # the new agent has not bound the endpoint yet
+
+    wait_until(serving_again, timeout=WAIT, what="the recovered service to answer from both groups")
+    recovered = ps_run(capsys, "duo")
+    assert recovered["agent_alive"]
+    assert by_group(recovered) == after, "recover replaced containers instead of adopting them"
     assert cli(capsys, "stop", "duo").code == 0
 
 
