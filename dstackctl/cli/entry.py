@@ -36,6 +36,11 @@ def run_fast_path(argv: list[str]) -> int | None:
         return failures.report(exc)
 
 
+def _only_help(args: list[str]) -> bool:
+    """Help and version start no agent: they need not prepare the agents' fork server."""
+    return not args or any(arg in ("-h", "--help", "--version") for arg in args)
+
+
 def main() -> None:
     gc_policy.pause()
     # dstackctl's config models use no pydantic plugins; looking for them reads the metadata
@@ -46,10 +51,12 @@ def main() -> None:
         code = run_fast_path(args)
         if code is not None:
             sys.exit(code)
-        from dstackctl.agent.process import fork_agents
         from dstackctl.cli.main import main as typer_main
 
-        fork_agents()  # this process is the CLI alone: no other threads, no embedding program
+        if not _only_help(args):
+            from dstackctl.agent.process import fork_agents
+
+            fork_agents()  # this process is the CLI alone: no other threads, no embedding program
         typer_main(args)
     finally:
         gc_policy.skip_collection_at_exit()
