@@ -122,7 +122,7 @@ def _agent_phases(log: Path, launched: float, returned: float, replicas: int) ->
         message = match.group(2)
         if message.startswith("agent for ") and " started (pid " in message and started is None:
             started = moment
-        elif re.match(r"replica \d+ (\(deployment \d+\) )?started as ", message):
+        elif re.match(r"replica=?\d+ (\(deployment \d+\) )?started as ", message):
             replica_times.append(moment)
     phases: dict[str, float] = {"total": returned - launched}
     if started is not None:

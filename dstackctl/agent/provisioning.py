@@ -145,7 +145,7 @@ class Provisioner:
         )
         if device_ids:
             log.info(
-                "replica %s gets GPUs %s (device request device_ids=%s)",
+                "%s gets GPUs %s (device request device_ids=%s)",
                 slot_name(slot),
                 device_ids,
                 device_ids,
@@ -153,11 +153,11 @@ class Provisioner:
         try:
             replica = engine.create_and_start(spec)
         except DockerError as exc:
-            log.error("replica %s could not start: %s", slot_name(slot), exc.message)
+            log.error("%s could not start: %s", slot_name(slot), exc.message)
             self.failures[_failure_key(target, slot)] = exc.message
             return None
         log.info(
-            "replica %s (deployment %d) started as %s on port %s",
+            "%s (deployment %d) started as %s on port %s",
             slot_name(slot),
             target.number,
             replica.name,
@@ -245,7 +245,7 @@ class Provisioner:
             chosen = choose(spec, self.gpus, taken)
             holder = next((c for c in containers if _holds_gpus_of(c, slot, target)), None)
             if chosen is None and holder is not None:
-                log.info("no free GPU for the new replica %s: replacing it stop-first", slot_name(slot))
+                log.info("no free GPU for the new %s: replacing it stop-first", slot_name(slot))
                 message = "no free GPU for a surge replica: stopping the old one first"
                 self._book.slot(_key(target, slot), message)
                 stop_first(holder.id)
@@ -253,7 +253,7 @@ class Provisioner:
                 chosen = choose(spec, self.gpus, taken)
             if chosen is None:
                 result[slot] = shortage_message(spec, self.gpus, target.groups[slot[0]].count, taken)
-                log.error("replica %s: %s", slot_name(slot), result[slot])
+                log.error("%s: %s", slot_name(slot), result[slot])
             else:
                 taken.update(g.uuid for g in chosen)
                 result[slot] = chosen

@@ -61,9 +61,9 @@ def test_gpu_request_reaches_docker_and_fails_with_the_runtime_sentence(
     assert "Traceback" not in err and "could not select device driver" not in err
     log = (dstack_home / "services" / "gpu-svc" / "agent.log").read_text()
     assert (
-        "replica 0 gets GPUs ['GPU-11111111-aaaa'] (device request device_ids=['GPU-11111111-aaaa'])" in log
+        "replica=0 gets GPUs ['GPU-11111111-aaaa'] (device request device_ids=['GPU-11111111-aaaa'])" in log
     )
-    assert "replica 1 gets GPUs ['GPU-22222222-bbbb']" in log
+    assert "replica=1 gets GPUs ['GPU-22222222-bbbb']" in log
     left = docker_client.containers.list(
         all=True, filters={"label": f"dstackctl.home={home_label(dstack_home)}"}
     )
