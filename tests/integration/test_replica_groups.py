@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,105 @@ def test_a_group_reaches_another_groups_replica_through_its_interpolated_address
     assert len(docker_client.networks.list(filters=mine)) == 1
     assert cli(capsys, "stop", "pair").code == 0
     assert docker_client.networks.list(filters=mine) == []
+
+
+ROUTER_URL = re.compile(r'"url":"([^"]*)"')
+
+
+def router_worker_urls(container: Any) -> set[str]:
+    """The worker URLs the fake SMG router (images/testsrv/www/fake-smg-router.sh) holds."""
+    _, output = container.exec_run(["sh", "-c", "cat /tmp/workers/* 2>/dev/null"])
+    return set(ROUTER_URL.findall(output.decode()))
+
+
+def workers_of(docker_client: Any, home: Path, name: str) -> list[Any]:
+    labels = [f"dstackctl.run={name}", f"dstackctl.home={home_label(home)}", "dstackctl.group=workers"]
+    return list(docker_client.containers.list(filters={"label": labels}))
+
+
+def worker_urls(docker_client: Any, home: Path, name: str) -> set[str]:
+    urls = set()
+    for container in workers_of(docker_client, home, name):
+        networks = container.attrs["NetworkSettings"]["Networks"]
+        urls.update(f"http://{n['IPAddress']}:8000" for n in networks.values() if n.get("IPAddress"))
+    return urls
+
+
+def write_routed(directory: Path, name: str, image: str, tag: str, port: int) -> Path:
+    document = {
+        "type": "service",
+        "name": name,
+        "image": image,
+        "port": f"{port}:8000",
+        "replicas": [
+            {
+                "name": "router",
+                "count": 1,
+                "router": {"type": "smg"},
+                "commands": [
+                    "rm -rf /tmp/workers /tmp/calls",
+                    "exec nc -ll -p 8000 -e sh /www/fake-smg-router.sh",
+                ],
+            },
+            {
+                "name": "workers",
+                "count": 2,
+                "commands": [f"export DEPLOYMENT_TAG={tag} && exec httpd -f -p 8000 -h /www"],
+            },
+        ],
+    }
+    path = directory / f"{name}-{tag}.dstack.yml"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_an_smg_router_group_gets_the_ready_workers_loses_drained_ones_and_regains_them_after_a_restart(
+    dstack_home: Path, tmp_path: Path, test_image: str, docker_client: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    started = cli(
+        capsys, "run", "-d", write_routed(tmp_path, "routed", test_image, "v1", port), "--timeout", "60s"
+    )
+    assert started.code == 0, started.err
+    filters = {
+        "label": [
+            "dstackctl.run=routed",
+            f"dstackctl.home={home_label(dstack_home)}",
+            "dstackctl.group=router",
+        ]
+    }
+    [router] = docker_client.containers.list(filters=filters)
+
+    def in_sync() -> bool | None:
+        wanted = worker_urls(docker_client, dstack_home, "routed")
+        return (len(wanted) == 2 and router_worker_urls(router) == wanted) or None
+
+    wait_until(in_sync, timeout=WAIT, what="the router to hold both ready workers")
+    first = worker_urls(docker_client, dstack_home, "routed")
+    first_ids = {c.id for c in workers_of(docker_client, dstack_home, "routed")}
+    # The endpoint sends traffic to the router group alone: its /workers answers through it.
+    listed = requests.get(f"{ps_run(capsys, 'routed')['url']}/workers", timeout=5).json()
+    assert {w["url"] for w in listed["workers"]} == first
+
+    # A redeploy of the workers: new ones join as they get ready, drained ones leave.
+    redeployed = cli(
+        capsys, "redeploy", "routed", "-f", write_routed(tmp_path, "routed", test_image, "v2", port)
+    )
+    assert redeployed.code == 0, redeployed.err
+    wait_until(in_sync, timeout=WAIT, what="the router to hold the new workers only")
+    assert first_ids.isdisjoint(c.id for c in workers_of(docker_client, dstack_home, "routed"))
+    calls = router.exec_run(["cat", "/tmp/calls"]).output.decode()
+    assert calls.count("DELETE /workers/") >= 2 and calls.count("POST /workers") >= 4
+    [still] = docker_client.containers.list(filters=filters)
+    assert still.id == router.id, "the unchanged router group was replaced"
+
+    # A restarted router forgets its workers and its calls (its command clears both); the
+    # agent registers the workers again.
+    router.restart(timeout=1)
+
+    def registered_again() -> bool | None:
+        calls = router.exec_run(["sh", "-c", "cat /tmp/calls 2>/dev/null"]).output.decode()
+        return (calls.count("POST /workers") >= 2 and "DELETE" not in calls and in_sync()) or None
+
+    wait_until(registered_again, timeout=WAIT, what="the router to get its workers back after a restart")
+    assert cli(capsys, "stop", "routed").code == 0
