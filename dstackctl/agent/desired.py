@@ -81,13 +81,15 @@ class Deployment:
 
     def owns(self, group: str, deployment_num: int, config_hash: str, group_hash: str = "") -> bool:
         """A container is this deployment's when it was started for it, or (unless this is a
-        restart) it belongs to a group whose definition this deployment did not change."""
+        restart) an older deployment started it in a group this deployment did not change."""
         target = self.groups.get(group)
         if target is None:
             return False
         if (deployment_num, config_hash) == (self.number, self.config_hash):
             return True
-        return not self.restart and bool(group_hash) and group_hash == target.spec_hash
+        # Only from older deployments: a rollback does not adopt what the failed one started.
+        older = deployment_num < self.number
+        return older and not self.restart and bool(group_hash) and group_hash == target.spec_hash
 
     def owns_replica(self, replica: Replica) -> bool:
         return self.owns(replica.group, replica.deployment_num, replica.config_hash, replica.group_hash)

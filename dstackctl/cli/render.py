@@ -106,20 +106,17 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
 
 def _named_replicas(run: RunView) -> list[tuple[str, ReplicaRow]]:
     """dstack's NAME cells (cli/utils/run.py `_format_job_name`): `   group=0 replica=0
-    deployment=2`, the next replica of the same group aligned under `replica=`; `replica=` only
-    when there are several replica numbers."""
+    deployment=2`, the next replica of the same group aligned under `replica=`. (dstack leaves
+    out `group= replica=` when there is one replica; we always name it.)"""
     order = {name: index for index, name in enumerate(run.group_order)}
     rows = sorted(
         run.replicas, key=lambda r: (order.get(r.group, len(order)), r.replica_num, r.deployment_num)
     )
-    show_replica = len({r.replica_num for r in rows}) > 1
     named = []
     last_index: int | None = None
     for row in rows:
         index = order.get(row.group, len(order))
-        if not show_replica:
-            name = "   "
-        elif index != last_index:
+        if index != last_index:
             name = f"   group={index} replica={row.replica_num}"
         else:
             name = " " * (3 + len(f"group={last_index}") + 1) + f"replica={row.replica_num}"

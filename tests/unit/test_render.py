@@ -75,6 +75,6 @@ def test_groups_show_as_dstack_shows_them_by_position_with_replicas_aligned() ->
     ]
 
 
-def test_one_replica_shows_no_replica_number_as_in_dstack() -> None:
+def test_one_replica_is_named_too_where_dstack_leaves_the_name_out() -> None:
     line = runs_table([_view([_replica(0, ["✓"])])], verbose=True, wide=False).splitlines()[2]
-    assert line.split()[:2] == ["deployment=2", "local"] and line.startswith("    deployment=2 ")
+    assert line.startswith("   group=0 replica=0 deployment=2 ")

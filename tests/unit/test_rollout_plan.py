@@ -142,6 +142,7 @@ def test_a_deployment_owns_containers_of_groups_it_did_not_change_unless_it_rest
     restart = _deployment(1, GROUPS, restart=True)  # `redeploy` of the same config
     assert not restart.owns("router", 0, "h0", router.spec_hash)
     assert not after.owns("gone", 0, "h1")
+    assert not before.owns("router", 1, "h1", router.spec_hash)  # a rollback adopts nothing newer
 
 
 def test_create_failures_are_not_retried_and_are_reported() -> None:
