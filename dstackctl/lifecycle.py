@@ -13,8 +13,9 @@ from dstackctl.replica_spec import stop_grace_seconds
 from dstackctl.store import SECRETS, SPEC, Store, StoreError
 
 
-def stop_service(store: Store, name: str, engine: DockerEngine) -> int:
-    """Stop the agent and every container of the service; keep the record. Returns containers removed."""
+def stop_service(store: Store, name: str, engine: DockerEngine, abort: bool = False) -> int:
+    """Stop the agent and every container of the service; keep the record. Returns containers
+    removed. `abort`: SIGKILL at once, without the grace period (dstack's `stop --abort`)."""
     if not store.exists(name):
         raise NoSuchService(name)
 
@@ -27,7 +28,7 @@ def stop_service(store: Store, name: str, engine: DockerEngine) -> int:
     stop_agent(store, name)
     spec = store.read(name, SPEC) or {}
     grace = (spec.get("config") or {}).get("stop_duration")
-    grace_seconds = stop_grace_seconds(grace)
+    grace_seconds = 0 if abort else stop_grace_seconds(grace)
     containers = engine.list_replicas(service_labels(name, store.home))
     if containers:
         with ThreadPoolExecutor(max_workers=min(8, len(containers))) as pool:

@@ -10,7 +10,7 @@ import typer
 
 def validate(
     configs: list[Path] = typer.Argument(
-        ..., metavar="CONFIG", help="Service files to check.", show_default=False
+        None, metavar="CONFIG", help="Service files to check (default: .dstack.yml).", show_default=False
     ),
     check_env: bool = typer.Option(
         False,
@@ -19,10 +19,12 @@ def validate(
         "${{ secrets.NAME }}) to be set now, as `run` does.",
     ),
 ) -> int:
-    """Check service files; print one line per file. Exit 0 when all are valid, 2 otherwise."""
-    from dstackctl.cli.validate_files import validate_files
+    """Check service files; print one line per file. Exit 0 when all are valid, 2 otherwise.
 
-    return validate_files(configs, check_env)
+    Without a file, checks .dstack.yml in the current folder, as dstack does."""
+    from dstackctl.cli.validate_files import default_files, validate_files
+
+    return validate_files(configs or default_files(), check_env)
 
 
 def schema() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from dstackctl.cli.following import (
     wait_scaled,
 )
 from dstackctl.cli.output import warn
+from dstackctl.cli.validate_files import DEFAULT_CONFIG
 from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
 
 if TYPE_CHECKING:
@@ -45,29 +47,92 @@ def run(
     port: int | None = typer.Option(
         None, "--port", min=1, max=65535, help="Port of the service endpoint on 127.0.0.1."
     ),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Update a running service without asking."),
 ) -> int:
     """Start a service: its replicas as containers behind one endpoint, kept by a background agent.
 
+    The same as `apply`. Without a file, reads .dstack.yml in the current folder.
     Attached by default: shows progress, then the replicas' logs until Ctrl-C (which detaches;
-    the service keeps running). A running service with a changed config gets a rolling update,
-    as with `redeploy -f`. Exit codes: 0 ready (or already running), 1 a replica failed or a
-    rollout was rolled back, 2 invalid configuration, 3 not ready within --timeout.
+    the service keeps running). A service of that name running another config is updated
+    only after you confirm (or with -y): a rolling update, as with `redeploy -f`; without a
+    terminal and without -y it exits 2. Exit codes: 0 ready (or already running), 1 a
+    replica failed or a rollout was rolled back, 2 invalid configuration or an update not
+    confirmed, 3 not ready within --timeout.
     """
-    if config_arg and config_opt:
+    options = _Options(detach, no_wait, timeout, dry_run, env, port, yes, force=False)
+    return _run_command(config_file(config_arg, config_opt), name, options)
+
+
+def apply(
+    config_arg: Path | None = typer.Argument(
+        None, metavar="CONFIG", help="Service file (or use -f).", show_default=False
+    ),
+    config_opt: Path | None = typer.Option(None, "-f", "--file", help="Service file (default: .dstack.yml)."),
+    name: str | None = typer.Option(None, "-n", "--name", help="Run name (default: the config's name)."),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Update a running service without asking."),
+    force: bool = typer.Option(
+        False, "--force", help="Redeploy even when nothing changed (every replica is replaced)."
+    ),
+    detach: bool = typer.Option(
+        False, "-d", "--detach", help="Return once every replica is running and ready."
+    ),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Return as soon as the service is submitted."),
+    timeout: str = typer.Option(
+        DEFAULT_TIMEOUT, "--timeout", help="How long to wait for readiness (e.g. 90s, 10m); exit 3 after."
+    ),
+    env: list[str] = typer.Option(
+        [], "-e", "--env", metavar="KEY[=VAL]", help="Set an env variable (KEY alone: from your environment)."
+    ),
+    port: int | None = typer.Option(
+        None, "--port", min=1, max=65535, help="Port of the service endpoint on 127.0.0.1."
+    ),
+) -> int:
+    """Apply a service file, as `dstack apply` does: start it, or update the running service.
+
+    Without a file, reads .dstack.yml in the current folder. An update shows what changes
+    and asks; -y goes ahead; without a terminal and without -y it exits 2. --force redeploys
+    an unchanged service. Attached by default (Ctrl-C detaches); -d returns once ready.
+    Exit codes as `run`.
+    """
+    options = _Options(detach, no_wait, timeout, False, env, port, yes, force)
+    return _run_command(config_file(config_arg, config_opt), name, options)
+
+
+@dataclass(frozen=True)
+class _Options:
+    detach: bool
+    no_wait: bool
+    timeout: str
+    dry_run: bool
+    env: list[str]
+    port: int | None
+    yes: bool
+    force: bool
+
+
+def config_file(argument: Path | None, option: Path | None) -> Path:
+    """The file given as CONFIG or -f, else .dstack.yml in the current folder (as dstack)."""
+    if argument and option:
         raise UsageError("give the config file once: either CONFIG or -f CONFIG")
-    path = config_arg or config_opt
-    if path is None:
-        raise UsageError("which service? give its file: dstackctl run -f FILE")
-    if detach and no_wait:
+    path = argument or option
+    if path is not None:
+        return path
+    if Path(DEFAULT_CONFIG).is_file():
+        return Path(DEFAULT_CONFIG)
+    raise UsageError(f"which service? give its file with -f FILE, or run this where a {DEFAULT_CONFIG} is")
+
+
+def _run_command(path: Path, name: str | None, options: _Options) -> int:
+    if options.detach and options.no_wait:
         raise UsageError("-d waits until ready and --no-wait does not wait: choose one")
     from dstackctl.deploy import run_name
 
-    seconds = parse_timeout(timeout)
-    loaded, env_values = _load(path, env)
+    seconds = parse_timeout(options.timeout)
+    loaded, env_values = _load(path, options.env)
     service = run_name(loaded, name)
-    if dry_run:
-        return _dry_run(loaded, service, env_values, port)
-    return _start(loaded, service, env_values, port, seconds, detach=detach, no_wait=no_wait)
+    if options.dry_run:
+        return _dry_run(loaded, service, env_values, options.port)
+    return _start(loaded, service, env_values, seconds, options)
 
 
 def _load(path: Path, env: list[str]) -> tuple[LoadedConfig, dict[str, str]]:
@@ -95,14 +160,7 @@ def _dry_run(loaded: LoadedConfig, service: str, env_values: dict[str, str], por
 
 
 def _start(
-    loaded: LoadedConfig,
-    service: str,
-    env_values: dict[str, str],
-    port: int | None,
-    seconds: int,
-    *,
-    detach: bool,
-    no_wait: bool,
+    loaded: LoadedConfig, service: str, env_values: dict[str, str], seconds: int, options: _Options
 ) -> int:
     from dstackctl.deploy import endpoint_port, gpu_plan, submit
     from dstackctl.docker import DockerEngine
@@ -110,11 +168,14 @@ def _start(
 
     engine = DockerEngine.connect()
     store = Store()
+    port, detach, no_wait = options.port, options.detach, options.no_wait
     spec = store.read(service, "spec") if store.exists(service) else None
     if spec is None or spec.get("desired") != "running":
         gpu_plan(loaded, engine)  # fail before starting anything when the GPUs are not there
     else:
         _warn_if_port_changes(spec, endpoint_port(loaded, port))
+        if not _confirm_changes(store, loaded, service, env_values, options.yes) and options.force:
+            return _restart(store, loaded, service, env_values, seconds, no_wait)
     submitted = submit(store, loaded, service, env_values, port, seconds)
     if submitted.agent_restarted:
         warn(f"the agent of {service} was not running; restarted it")
@@ -138,6 +199,37 @@ def _start(
     if code is not None or detach or submitted.outcome != "started":
         return code or ExitCode.OK
     return attach(store, service, engine)
+
+
+def _confirm_changes(
+    store: Any, loaded: LoadedConfig, service: str, env_values: dict[str, str], yes: bool
+) -> bool:
+    """False when the running service already has this config; else ask (see changes.py)."""
+    from dstackctl.cli.changes import config_changes, confirm_update
+    from dstackctl.deploy import Release, serving
+    from dstackctl.spec_document import SpecDocument
+
+    release = Release.of(loaded, env_values)
+    now = serving(store, service, SpecDocument.from_json(store.read(service, "spec") or {})).record
+    if (release.config_hash, release.group_counts) == (now.config_hash, now.group_counts):
+        return False
+    same_file = release.config_hash != now.config_hash and release.config == now.config
+    changes = config_changes(now.config, release.config, now.group_counts, release.group_counts, same_file)
+    confirm_update(service, changes, yes)
+    return True
+
+
+def _restart(
+    store: Any, loaded: LoadedConfig, service: str, env_values: dict[str, str], seconds: int, no_wait: bool
+) -> int:
+    """`apply --force` of an unchanged config: every replica is replaced, as `redeploy`."""
+    from dstackctl.deploy import Release, start_rollout
+
+    number = start_rollout(store, service, Release.of(loaded, env_values), seconds)
+    typer.echo(f"{service}: rolling update to deployment {number}.", err=True)
+    if no_wait:
+        return ExitCode.OK
+    return wait_rollout_and_report(store, service, seconds, number, loaded.config.total_replicas)
 
 
 def _wait_until_ready(store: Any, service: str, seconds: int) -> int | None:
@@ -281,5 +373,6 @@ def _group_lines(
 
 
 def register(app: typer.Typer) -> None:
+    app.command()(apply)
     app.command()(run)
     app.command()(redeploy)

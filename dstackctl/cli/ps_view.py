@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
+from functools import partial
 
 from dstackctl.errors import ExitCode, NoSuchService
 
@@ -11,7 +14,31 @@ def _err(message: str) -> None:
     sys.stderr.write(message + "\n")
 
 
-def show_runs(name: str | None, all_runs: bool, verbose: bool, wide: bool, as_json: bool) -> int:
+WATCH_SECONDS = 1.0
+
+
+def watch_runs(show: Callable[[], int], interval: float = WATCH_SECONDS) -> int:
+    """`ps --watch`: the table again every `interval` until Ctrl-C; redrawn in place on a
+    terminal, one table after another (blank line between) when not."""
+    tty = sys.stdout.isatty()
+    first = True
+    try:
+        while True:
+            if tty:
+                sys.stdout.write("\033[H\033[2J")
+            elif not first:
+                sys.stdout.write("\n")
+            first = False
+            show()
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return ExitCode.OK
+
+
+def show_runs(
+    name: str | None, all_runs: bool, verbose: bool, wide: bool, as_json: bool, last: int | None = None
+) -> int:
     from dstackctl.cli.render import runs_json, runs_table
     from dstackctl.runs import all_views, view
     from dstackctl.store import Store
@@ -24,7 +51,9 @@ def show_runs(name: str | None, all_runs: bool, verbose: bool, wide: bool, as_js
             raise NoSuchService(name)
         views = [found]
     else:
-        views = all_views(store, include_stopped=all_runs, problems=unreadable)
+        views = all_views(store, include_stopped=all_runs or last is not None, problems=unreadable)
+        if last is not None:  # dstack's `ps -n N`: the N most recently submitted
+            views = sorted(views, key=lambda v: v.submitted_at or "", reverse=True)[:last]
     for problem in unreadable:
         _err(f"error: {problem}")
     for run_view in views:
@@ -50,12 +79,15 @@ def fast_ps(args: list[str]) -> int | None:
     parser.add_argument("name", nargs="?")
     parser.add_argument("-a", "--all", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("-w", "--wide", action="store_true")
+    parser.add_argument("--wide", action="store_true")
+    parser.add_argument("-w", "--watch", action="store_true")
+    parser.add_argument("-n", "--last", type=int)
     parser.add_argument("--json", action="store_true")
     try:
         parsed, unknown = parser.parse_known_args(args)
     except (argparse.ArgumentError, SystemExit):
         return None
-    if unknown or (parsed.name or "").startswith("-"):
+    if unknown or (parsed.name or "").startswith("-") or (parsed.last is not None and parsed.last < 1):
         return None
-    return show_runs(parsed.name, parsed.all, parsed.verbose, parsed.wide, parsed.json)
+    show = partial(show_runs, parsed.name, parsed.all, parsed.verbose, parsed.wide, parsed.json, parsed.last)
+    return watch_runs(show) if parsed.watch else show()

@@ -17,18 +17,29 @@ def ps(
     name: str | None = typer.Argument(None, help="Show only this service."),
     all_runs: bool = typer.Option(False, "-a", "--all", help="Include stopped services."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="A row per replica, with probes."),
-    wide: bool = typer.Option(False, "-w", "--wide", help="Do not shorten columns; add container ids."),
+    watch: bool = typer.Option(False, "-w", "--watch", help="Refresh every second until Ctrl-C."),
+    last: int | None = typer.Option(
+        None, "-n", "--last", min=1, help="Only the N most recently submitted services (stopped too)."
+    ),
+    wide: bool = typer.Option(False, "--wide", help="Do not shorten columns; add container ids."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output (versioned envelope)."),
 ) -> int:
     """List services and their replicas. Exit 0 whenever the store could be read."""
-    from dstackctl.cli.ps_view import show_runs
+    from functools import partial
 
-    return show_runs(name, all_runs, verbose, wide, as_json)
+    from dstackctl.cli.ps_view import show_runs, watch_runs
+
+    show = partial(show_runs, name, all_runs, verbose, wide, as_json, last)
+    return watch_runs(show) if watch else show()
 
 
 def stop(
     names: list[str] = typer.Argument(None, metavar="NAME...", help="Services to stop.", show_default=False),
     all_services: bool = typer.Option(False, "--all", help="Stop every running service."),
+    abort: bool = typer.Option(
+        False, "-x", "--abort", help="Kill the containers at once, without the grace period."
+    ),
+    yes: bool = typer.Option(False, "-y", "--yes", help="Accepted for dstack's scripts; stop never asks."),
 ) -> int:
     """Stop services: their agent and containers (SIGTERM, then SIGKILL after the grace period).
 
@@ -60,7 +71,7 @@ def stop(
 
     def one(service: str) -> tuple[str, str | None]:
         try:
-            removed = stop_service(store, service, engine)
+            removed = stop_service(store, service, engine, abort=abort)
         except DstackctlError as exc:
             return service, exc.message
         return service, f"{removed} container{'s' if removed != 1 else ''} removed"

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from dstackctl.errors import ExitCode
 
+DEFAULT_CONFIG = ".dstack.yml"
+
 if TYPE_CHECKING:
     from dstackctl.config.issues import ConfigError
     from dstackctl.config.loader import LoadedConfig
@@ -46,9 +48,18 @@ def fast_validate(args: list[str]) -> int | None:
     an option this small parser does not know), so that typer reports usage errors."""
     check_env = "--check-env" in args
     paths = [arg for arg in args if arg != "--check-env"]
-    if not paths or any(arg.startswith("-") for arg in paths):
+    if any(arg.startswith("-") for arg in paths):
         return None
-    return validate_files([Path(arg) for arg in paths], check_env)
+    return validate_files([Path(arg) for arg in paths] or default_files(), check_env)
+
+
+def default_files() -> list[Path]:
+    """.dstack.yml in the current folder, as dstack reads it when no file is given."""
+    from dstackctl.errors import UsageError
+
+    if Path(DEFAULT_CONFIG).is_file():
+        return [Path(DEFAULT_CONFIG)]
+    raise UsageError(f"which file? give it (validate FILE...), or run this where a {DEFAULT_CONFIG} is")
 
 
 def _summary(loaded: LoadedConfig) -> str:

@@ -197,13 +197,24 @@ def test_run_exits_0_when_ready_and_again_when_already_running(
 def test_run_with_a_changed_config_rolls_out_and_exits_0(
     dstack_home: Path, tmp_path: Path, test_image: str, docker_client: Any
 ) -> None:
-    # Not "name in use" (exit 2): design section 6 makes it a rolling update, as `redeploy -f`.
+    # Design section 6: a changed config under a taken name is shown and needs confirming;
+    # without a terminal, exit 2 with how to go ahead and nothing touched; with -y, a rolling
+    # update as `redeploy -f`.
     path = write_service(tmp_path, "evolving", test_image, [HTTPD])
     assert dstackctl("run", "-d", "--timeout", "60s", path).returncode == 0
     [old] = containers_of(docker_client, dstack_home)
     path.write_text(path.read_text().replace(f'["{HTTPD}"]', f'["echo v2", "{HTTPD}"]'))
 
-    result = dstackctl("run", "-d", "--timeout", "60s", path)
+    refused = dstackctl("run", "-d", "--timeout", "60s", path)
+    assert refused.returncode == 2, refused.stderr
+    assert "evolving is running with another configuration; this file changes:" in refused.stderr
+    assert "  commands: " in refused.stderr
+    assert refused.stderr.splitlines()[-1].startswith(
+        "error: evolving is running with another configuration; pass -y"
+    )
+    assert [c.id for c in containers_of(docker_client, dstack_home)] == [old.id]
+
+    result = dstackctl("run", "-d", "-y", "--timeout", "60s", path)
 
     assert result.returncode == 0, result.stderr
     assert "evolving: rolling update to deployment 1." in result.stderr

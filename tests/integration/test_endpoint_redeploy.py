@@ -361,8 +361,8 @@ def test_scale_in_place_then_restart_then_a_changed_config_through_run(
     restarted_ids = container_ids(shown)
     assert not set(restarted_ids.values()) & set(scaled_ids.values()), "a replica was not restarted"
 
-    # `run` of the running service with a changed config: the same rolling update.
-    result = cli(capsys, "run", "-d", "--timeout", "60s", v2)
+    # `run -y` of the running service with a changed config: the same rolling update.
+    result = cli(capsys, "run", "-d", "-y", "--timeout", "60s", v2)
     assert result.code == 0, result.err
     assert "elastic: rolling update to deployment 2." in result.err
     assert "elastic now runs deployment 2 (2 replicas)" in result.out

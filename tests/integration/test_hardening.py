@@ -583,16 +583,16 @@ def test_secrets_stay_out_of_debug_output_errors_labels_and_the_agent_log(
     )
     for args in (
         ["ps", "--json"],
-        ["ps", "-a", "-v", "-w"],
+        ["ps", "-a", "-v", "--wide"],
         ["ps", "-v", "--json", "hush"],
-        ["ps", "-w", "blabber"],
+        ["ps", "--wide", "blabber"],
     ):
         assert keep(" ".join(args), cli(capsys, "--debug", *args)).code == 0
     [hush] = ps_run(capsys, "hush")["replicas"]
     assert [p["last_error"] for p in hush["probes"]] == ["HTTP 401"] * 2
     # The installed entry point, whose `ps` takes a fast path of its own.
     entry = Path(sys.executable).parent / "dstackctl"
-    for args in (["ps", "--json"], ["ps", "-a", "-v", "-w"], ["--debug", "ps", "-v", "hush"]):
+    for args in (["ps", "--json"], ["ps", "-a", "-v", "--wide"], ["--debug", "ps", "-v", "hush"]):
         done = subprocess.run([entry, *args], capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         shown[f"entry point {' '.join(args)}"] = done.stdout + done.stderr
@@ -618,7 +618,7 @@ def test_secrets_stay_out_of_debug_output_errors_labels_and_the_agent_log(
         return original(self, name, kind)
 
     monkeypatch.setattr(Store, "read", read_but_not_secrets)
-    for args in (["ps", "--json"], ["ps", "-a", "-v", "-w"], ["ps", "hush"]):
+    for args in (["ps", "--json"], ["ps", "-a", "-v", "--wide"], ["ps", "hush"]):
         assert cli(capsys, *args).code == 0
 
 

@@ -252,9 +252,9 @@ def test_probe_requests_carry_headers_and_bodies_and_only_2xx_passes(
     outputs = {
         "run": submitted,
         "ps": cli(capsys, "ps"),
-        "ps -v -w": cli(capsys, "ps", "-v", "-w"),
+        "ps -v --wide": cli(capsys, "ps", "-v", "--wide"),
         "ps --json": cli(capsys, "ps", "--json"),
-        "ps -a -v -w --json prober": cli(capsys, "ps", "-a", "-v", "-w", "--json", "prober"),
+        "ps -a -v --wide --json prober": cli(capsys, "ps", "-a", "-v", "--wide", "--json", "prober"),
     }
     log = Store(dstack_home).log_path("prober").read_text()
     assert "agent for prober started" in log

@@ -237,8 +237,8 @@ def test_env_values_stay_out_of_ps_the_state_files_and_the_agent_log(
     outputs = {
         "ps --json": cli(capsys, "ps", "--json"),
         "ps -a --json": cli(capsys, "ps", "-a", "--json"),
-        "ps -v -w": cli(capsys, "ps", "-v", "-w"),
-        "ps -v -w leaky": cli(capsys, "ps", "-v", "-w", "leaky"),
+        "ps -v --wide": cli(capsys, "ps", "-v", "--wide"),
+        "ps -v --wide leaky": cli(capsys, "ps", "-v", "--wide", "leaky"),
     }
     for command, result in outputs.items():
         assert result.code == 0, f"{command}: {result.err}"
@@ -295,8 +295,8 @@ def test_probe_header_and_url_values_stay_out_of_ps_and_the_state_files(
     shown = [
         result,
         cli(capsys, "ps", "--json"),
-        cli(capsys, "ps", "-v", "-w"),
-        cli(capsys, "ps", "-a", "-v", "-w", "--json"),
+        cli(capsys, "ps", "-v", "--wide"),
+        cli(capsys, "ps", "-a", "-v", "--wide", "--json"),
     ]
     for secret in (api_key, url_token):
         for output in shown:

@@ -65,7 +65,7 @@ OPTIONS = [
     "--all",
     "-v",
     "--verbose",
-    "-w",
+    "-n",
     "--wide",
     "--json",
     "--replica",
@@ -206,7 +206,9 @@ def fast_path(args: list[str]) -> tuple[int, str, str]:
 
 
 ps_tails = st.lists(
-    st.sampled_from(["-a", "--all", "-v", "-w", "--json", "-vw", "--", "-", "--bogus", "-h", "ghost", "x"])
+    st.sampled_from(
+        ["-a", "--all", "-v", "--wide", "--json", "-va", "--", "-", "--bogus", "-h", "ghost", "x"]
+    )
     | st.sampled_from(VALUES)
     | free_text,
     max_size=5,

@@ -1,0 +1,93 @@
+"""dstack's verbs and flags: `apply`, .dstack.yml by default, asking before an update, `ps -w/-n`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dstackctl.cli import ps_view
+from dstackctl.cli.changes import config_changes, confirm_update
+from dstackctl.cli.main import run
+from dstackctl.errors import DstackctlError, ExitCode
+
+SERVICE = "type: service\nname: web\nport: 8000\nimage: app\n"
+
+
+def test_validate_and_run_read_dstack_yml_in_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run(["validate"]) == ExitCode.USAGE
+    assert "run this where a .dstack.yml is" in capsys.readouterr().err
+    (tmp_path / ".dstack.yml").write_text(SERVICE)
+    assert run(["validate"]) == ExitCode.OK
+    assert capsys.readouterr().out == ".dstack.yml: valid (service web, 1 replica, 0 probes)\n"
+    assert run(["run", "--dry-run"]) == ExitCode.OK
+    assert "Plan for web" in capsys.readouterr().out
+
+
+def test_apply_is_a_command_with_dstacks_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["apply", "--help"]) == ExitCode.OK
+    text = capsys.readouterr().out
+    for flag in ("-f, --file", "-y, --yes", "--force", "-d, --detach", "-n, --name"):
+        assert flag in text
+    assert run(["stop", "--help"]) == ExitCode.OK
+    assert "-x, --abort" in capsys.readouterr().out
+
+
+def test_the_changes_name_keys_and_never_show_env_values() -> None:
+    old = {"image": "app:1", "env": ["TOKEN"], "port": 8000}
+    new = {"image": "app:2", "env": ["TOKEN", "MODE"], "port": 8000}
+    assert config_changes(old, new, {"0": 1}, {"0": 2}, env_changed=False) == [
+        "env: [TOKEN] -> [TOKEN, MODE]",
+        "image: app:1 -> app:2",
+        "replicas: 1 -> 2",
+    ]
+    assert config_changes(old, old, {"0": 1}, {"0": 1}, env_changed=True) == [
+        "env: values change (not shown)"
+    ]
+
+
+def test_an_update_without_a_terminal_and_without_yes_exits_2_saying_how(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    with pytest.raises(DstackctlError) as exc:
+        confirm_update("web", ["image: a -> b"], yes=False)
+    assert exc.value.exit_code == ExitCode.USAGE
+    assert "pass -y to update it" in exc.value.message
+    assert "  image: a -> b" in capsys.readouterr().err
+    confirm_update("web", ["image: a -> b"], yes=True)  # -y: no question, no output
+    assert capsys.readouterr().err == ""
+
+
+def test_ps_watch_prints_a_table_per_interval_until_ctrl_c(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shown = []
+
+    def show() -> int:
+        shown.append(1)
+        print("TABLE")
+        if len(shown) == 3:
+            raise KeyboardInterrupt
+        return 0
+
+    monkeypatch.setattr(ps_view.time, "sleep", lambda _: None)
+    assert ps_view.watch_runs(show, interval=0) == ExitCode.OK
+    assert capsys.readouterr().out == "TABLE\n\nTABLE\n\nTABLE\n"
+
+
+def test_ps_last_n_shows_the_most_recent_services_stopped_ones_too(
+    dstack_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dstackctl.store import Store
+
+    store = Store(dstack_home)
+    for index, name in enumerate(["old", "mid", "new"]):
+        spec = {"name": name, "run_id": f"r{index}", "desired": "stopped", "deployment_num": 0}
+        store.write(name, "spec", {**spec, "submitted_at": f"2026-12-0{index + 1}T00:00:00Z"})
+    assert run(["ps", "-n", "2", "--json"]) == ExitCode.OK
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["new", "mid"]
