@@ -34,6 +34,15 @@ class RunView:
         return self.desired == "running"
 
     @property
+    def ready_replicas(self) -> int:
+        return sum(1 for row in self.replicas if row.ready)
+
+    @property
+    def desired_replicas(self) -> int:
+        target = self.observed.target_replicas
+        return self.spec.current.replicas if target is None else target
+
+    @property
     def group_order(self) -> list[str]:
         """Group names in the order the config gives them (dstack numbers groups by it)."""
         config = self.spec.current.config
@@ -53,6 +62,8 @@ class RunView:
             "url": self.url,
             "agent_alive": self.agent_alive,
             "rollout": self.rollout.to_json() if self.rollout else None,
+            "ready_replicas": self.ready_replicas,
+            "desired_replicas": self.desired_replicas,
             "replicas": [_replica_json(row) for row in self.replicas],
         }
 
@@ -102,6 +113,10 @@ def view(store: Store, name: str) -> RunView | None:
     deployment = (
         observed.deployment_num if seen and observed.deployment_num is not None else spec.current.number
     )
+    if status == "running" and any(row.phase in ("failed", "unready") for row in replicas):
+        ready = sum(1 for row in replicas if row.ready)
+        target = observed.target_replicas if observed.target_replicas is not None else spec.current.replicas
+        status = "degraded" if ready < target else status  # a replica failed or left rotation
     return RunView(
         name=name,
         status=status,

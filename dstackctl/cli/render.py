@@ -68,7 +68,7 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
     # see pyproject.toml); nothing else in dstackctl renders with tabulate.
     tabulate_module.PRESERVE_WHITESPACE = True
 
-    headers = ["NAME", "BACKEND", "STATUS", "PROBES", "SUBMITTED", "URL"]
+    headers = ["NAME", "BACKEND", "STATUS", "READY", "PROBES", "SUBMITTED", "URL"]
     with_gpus = verbose and any(r.gpus for run in views for r in run.replicas)
     if with_gpus:
         headers.append("GPU")
@@ -82,6 +82,7 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
             f"{run.name} deployment={run.deployment_num}" if verbose else run.name,
             "",
             run.status if run.agent_alive or not run.active else f"{run.status} (agent down)",
+            f"{run.ready_replicas}/{run.desired_replicas}" if run.active else "",
             "",
             ago(run.submitted_at),
             run.url or "",
@@ -129,6 +130,7 @@ def _replica_line(replica: ReplicaRow, run: RunView, with_gpus: bool, wide: bool
     line = [
         "local",
         _replica_status(replica),
+        "",
         _probe_symbols(replica),
         ago(replica.submitted_at or run.submitted_at),
         replica.url or "",

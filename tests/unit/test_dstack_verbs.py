@@ -91,3 +91,22 @@ def test_ps_last_n_shows_the_most_recent_services_stopped_ones_too(
         store.write(name, "spec", {**spec, "submitted_at": f"2026-12-0{index + 1}T00:00:00Z"})
     assert run(["ps", "-n", "2", "--json"]) == ExitCode.OK
     assert [r["name"] for r in json.loads(capsys.readouterr().out)["runs"]] == ["new", "mid"]
+
+
+def test_a_service_with_a_failed_replica_is_degraded_not_running(dstack_home: Path) -> None:
+    from dstackctl.runs import view
+    from dstackctl.status import ObservedState, ReplicaRow
+    from dstackctl.store import Store
+
+    store = Store(dstack_home)
+    store.write("web", "spec", {"name": "web", "run_id": "r1", "desired": "running", "replicas": 2})
+    ok = ReplicaRow(replica_num=0, deployment_num=0, status="running", phase="ready", ready=True)
+    failed = ReplicaRow(replica_num=1, deployment_num=0, status="failed", phase="failed", exit_code=3)
+    state = ObservedState("web", "r1", status="running", target_replicas=2, replicas=(ok, failed))
+    store.write("web", "state", state.to_json())
+    shown = view(store, "web")
+    assert shown is not None and shown.status == "degraded"
+    starting = ReplicaRow(replica_num=1, deployment_num=0, status="running", phase="starting")
+    store.write("web", "state", {**state.to_json(), "replicas": [ok.to_json(), starting.to_json()]})
+    shown = view(store, "web")
+    assert shown is not None and shown.status == "running"  # still starting: not degraded

@@ -40,7 +40,7 @@ def test_verbose_rows_keep_the_replicas_indented_under_their_run() -> None:
     lines = runs_table([_view([_replica(0, ["✓"]), _replica(1, ["~", "×"])])], verbose=True, wide=False)
     header, run_row, first, second = lines.splitlines()
 
-    assert header.split() == ["NAME", "BACKEND", "STATUS", "PROBES", "SUBMITTED", "URL", "MESSAGE"]
+    assert header.split() == ["NAME", "BACKEND", "STATUS", "READY", "PROBES", "SUBMITTED", "URL", "MESSAGE"]
     assert run_row.startswith("llama31 deployment=2 ")
     assert first.startswith("   group=0 replica=0 deployment=2  local")
     assert second.startswith("           replica=1 deployment=2  local")
@@ -78,3 +78,13 @@ def test_groups_show_as_dstack_shows_them_by_position_with_replicas_aligned() ->
 def test_one_replica_is_named_too_where_dstack_leaves_the_name_out() -> None:
     line = runs_table([_view([_replica(0, ["✓"])])], verbose=True, wide=False).splitlines()[2]
     assert line.startswith("   group=0 replica=0 deployment=2 ")
+
+
+def test_the_service_row_shows_ready_of_desired_and_degraded_when_a_replica_failed() -> None:
+    failed = ReplicaRow(replica_num=1, deployment_num=2, status="failed", phase="failed", exit_code=3)
+    ok = ReplicaRow(replica_num=0, deployment_num=2, status="running", phase="ready", ready=True)
+    view = _view([ok, failed])
+    view.observed = ObservedState("llama31", "r1", target_replicas=2, replicas=(ok, failed))
+    line = runs_table([view], verbose=False, wide=False).splitlines()[1]
+    assert line.split()[:4] == ["llama31", "local", "running", "1/2"]
+    assert view.to_json()["ready_replicas"] == 1 and view.to_json()["desired_replicas"] == 2
