@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from dstackctl.config.gpu import GpuSpec
 from dstackctl.config.units import Range
 from dstackctl.errors import DstackctlError
+from dstackctl.wording import count_of
 
 NVIDIA_SMI_VARIABLE = "DSTACKCTL_NVIDIA_SMI"
 QUERY = ["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
@@ -160,7 +161,7 @@ def assign(spec: GpuSpec, gpus: list[Gpu], replicas: int, taken: set[str]) -> li
 
 
 def shortage_message(spec: GpuSpec, gpus: list[Gpu], replicas: int, taken: set[str]) -> str:
-    wanted = f"needs {describe_spec(spec, replicas)} for {replicas} replica{'s' if replicas != 1 else ''}"
+    wanted = f"needs {describe_spec(spec, replicas)} for {count_of(replicas, 'replica')}"
     if not gpus:
         return f"{wanted}; found no NVIDIA GPU on this machine (nvidia-smi lists none)"
     matching = [g for g in gpus if matches(spec, g)]

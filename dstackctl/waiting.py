@@ -14,6 +14,7 @@ from dstackctl.errors import ExitCode, NoSuchService
 from dstackctl.runs import RunView, view
 from dstackctl.status import ReplicaRow
 from dstackctl.store import Store
+from dstackctl.wording import count_of
 
 AGENT_START_GRACE_SECONDS = 5.0  # a just-started agent needs a moment to take its lock
 
@@ -94,7 +95,7 @@ def _readiness(name: str, current: RunView) -> Outcome | None:
     ready = [r for r in rows if r.running_and_ready]
     endpoint_up = current.url is not None or current.spec.endpoint_port is None
     if len(current.replicas) == wanted and len(ready) == wanted and endpoint_up:
-        return Outcome(ExitCode.OK, f"{name} is ready ({wanted} of {wanted} replicas)", current)
+        return Outcome(ExitCode.OK, f"{name} is ready ({wanted} of {count_of(wanted, 'replica')})", current)
     return None
 
 
@@ -143,8 +144,10 @@ def _rollout_verdict(name: str, number: int, current: RunView) -> Outcome | None
     if rollout is None or rollout.to_deployment != number:
         return None
     if rollout.state == "done":
-        replicas = current.observed.target_replicas
-        return Outcome(ExitCode.OK, f"{name} now runs deployment {number} ({replicas} replicas)", current)
+        replicas = current.observed.target_replicas or 0
+        return Outcome(
+            ExitCode.OK, f"{name} now runs deployment {number} ({count_of(replicas, 'replica')})", current
+        )
     if rollout.state == "rolled_back":
         return Outcome(
             ExitCode.FAILED,

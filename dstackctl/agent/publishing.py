@@ -17,6 +17,7 @@ from dstackctl.agent.phases import Phase, ReplicaBook, ReplicaKey, ReplicaState
 from dstackctl.status import ObservedState, ReplicaRow, RolloutStatus, run_status
 from dstackctl.store import STATE, Store
 from dstackctl.timeutil import utc_now
+from dstackctl.wording import count_of
 
 HEARTBEAT_SECONDS = 2.0
 # Probe results reach the store at most this often, but a change after a quiet spell at once.
@@ -163,7 +164,7 @@ class StatusPublisher:
             return "paused (docker pause): it cannot answer until unpaused"
         count, last = self._restarts(state)
         if count:
-            return f"replaced {count} time{'s' if count != 1 else ''} (last: {last})"
+            return f"replaced {count_of(count, 'time')} (last: {last})"
         return None
 
 

@@ -21,6 +21,7 @@ from dstackctl.cli.following import (
 from dstackctl.cli.output import warn
 from dstackctl.cli.validate_files import DEFAULT_CONFIG
 from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
+from dstackctl.wording import count_of
 
 if TYPE_CHECKING:
     from dstackctl.config.loader import LoadedConfig
@@ -191,7 +192,9 @@ def _start(
         if not detach:
             return ExitCode.OK
     elif submitted.outcome == "scaled":
-        typer.echo(f"{service}: scaling to {loaded.config.total_replicas} replicas in place.", err=True)
+        typer.echo(
+            f"{service}: scaling to {count_of(loaded.config.total_replicas, 'replica')} in place.", err=True
+        )
     if no_wait:
         typer.echo(f"Submitted {service}; `dstackctl ps -v {service}` shows its progress.")
         return ExitCode.OK
@@ -297,7 +300,7 @@ def redeploy(
     else:
         release, started = _roll_out_file(store, name, data, config, env, seconds)
         if started is None:
-            typer.echo(f"{name}: scaling to {release.replicas} replicas in place.", err=True)
+            typer.echo(f"{name}: scaling to {count_of(release.replicas, 'replica')} in place.", err=True)
             return ExitCode.OK if no_wait else wait_scaled(store, name, seconds)
         number = started
     typer.echo(f"{name}: rolling update to deployment {number}.", err=True)
@@ -348,7 +351,7 @@ def _plan(
     router = config.router_group
     for name, count in config.group_counts.items():
         role = ", takes the endpoint's traffic" if router is not None and router.name == name else ""
-        lines.append(f"  group {name} ({count} replica{'s' if count != 1 else ''}{role}):")
+        lines.append(f"  group {name} ({count_of(count, 'replica')}{role}):")
         lines += _group_lines(config.for_group(name), name, gpus, "    ")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ import typer
 
 from dstackctl.cli.following import print_logs
 from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
+from dstackctl.wording import count_of
 
 if TYPE_CHECKING:
     pass
@@ -74,7 +75,7 @@ def stop(
             removed = stop_service(store, service, engine, abort=abort)
         except DstackctlError as exc:
             return service, exc.message
-        return service, f"{removed} container{'s' if removed != 1 else ''} removed"
+        return service, f"{count_of(removed, 'container')} removed"
 
     failed = False
     with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dstackctl.errors import ExitCode
+from dstackctl.wording import count_of
 
 DEFAULT_CONFIG = ".dstack.yml"
 
@@ -31,7 +32,7 @@ def validate_files(paths: list[Path], check_env: bool) -> int:
         except ConfigError as exc:
             failed += 1
             count = len(exc.issues)
-            _out(f"{path}: invalid ({count} problem{'s' if count != 1 else ''})")
+            _out(f"{path}: invalid ({count_of(count, 'problem')})")
             for issue in exc.issues:
                 _err(f"  {issue}")
             continue
@@ -67,8 +68,8 @@ def _summary(loaded: LoadedConfig) -> str:
     probes = len(config.effective_probes())
     parts = [
         f"service {config.name}" if config.name else "service",
-        f"{config.total_replicas} replica{'s' if config.total_replicas != 1 else ''}",
-        f"{probes} probe{'s' if probes != 1 else ''}",
+        count_of(config.total_replicas, "replica"),
+        count_of(probes, "probe"),
     ]
     if config.resources.gpu and config.resources.gpu.wants_gpus:
         parts.append(f"gpu {config.resources.gpu}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from dstackctl.wording import count_of
+
 _REF = re.compile(r"(?<!\$)\$\{\{\s*groups\[(\d+)\]\.replicas\[(\d+)\]\.IP_ADDRESS\s*\}\}")
 _ANY = re.compile(r"(?<!\$)\$\{\{\s*([^}]+?)\s*\}\}")
 _NAME = re.compile(r"groups\[\d+\]\.(replicas|nodes)\[\d+\]\.IP_ADDRESS")
@@ -67,5 +69,5 @@ def _is_groups(name: str) -> bool:
 
 
 def _sizes(minimums: list[int]) -> str:
-    groups = ", ".join(f"group {i} {n} replica{'s' if n != 1 else ''}" for i, n in enumerate(minimums))
-    return f"{len(minimums)} group{'s' if len(minimums) != 1 else ''} ({groups})"
+    groups = ", ".join(f"group {i} {count_of(n, 'replica')}" for i, n in enumerate(minimums))
+    return f"{count_of(len(minimums), 'group')} ({groups})"

@@ -110,3 +110,9 @@ def test_a_service_with_a_failed_replica_is_degraded_not_running(dstack_home: Pa
     store.write("web", "state", {**state.to_json(), "replicas": [ok.to_json(), starting.to_json()]})
     shown = view(store, "web")
     assert shown is not None and shown.status == "running"  # still starting: not degraded
+
+
+def test_counts_read_as_english() -> None:
+    from dstackctl.wording import count_of
+
+    assert [count_of(n, "replica") for n in (0, 1, 2)] == ["0 replicas", "1 replica", "2 replicas"]
