@@ -28,6 +28,7 @@ class RunView:
     engine_problem: str | None = None
     endpoint_error: str | None = None
     rollout: RolloutStatus | None = None
+    warnings: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -96,7 +97,15 @@ def view(store: Store, name: str) -> RunView | None:
     if data is None:
         return None
     spec = SpecDocument.from_json(data)
-    observed = ObservedState.from_json(store.read(name, STATE) or {"name": name})
+    warnings: tuple[str, ...] = ()
+    try:
+        state = store.read(name, STATE)
+    except StoreError as exc:
+        if spec.running:
+            raise
+        # A stopped service needs none of it: say so and show it as terminated.
+        state, warnings = None, (f"{exc.message.rstrip('.')}; {name} is stopped, so ps shows it without it",)
+    observed = ObservedState.from_json(state or {"name": name})
     if observed.run_id != spec.run_id:
         observed = ObservedState(name=name, run_id=spec.run_id)  # an older run's observations
     alive = store.agent_alive(name)
@@ -131,6 +140,7 @@ def view(store: Store, name: str) -> RunView | None:
         engine_problem=observed.engine_problem,
         endpoint_error=observed.endpoint_error,
         rollout=_rollout(spec, observed),
+        warnings=warnings,
     )
 
 

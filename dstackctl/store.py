@@ -38,9 +38,15 @@ def default_home() -> Path:
 
 
 def _private_dir(path: Path) -> Path:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077:
-        path.chmod(0o700)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the folder {path} ({exc.strerror.lower() if exc.strerror else exc}); "
+            f"point {HOME_VARIABLE} at a folder you can write, or unset it (default ~/.dstackctl)"
+        ) from None
     return path
 
 

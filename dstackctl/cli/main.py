@@ -46,8 +46,19 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(run(argv))
 
 
+def _debug_first(argv: list[str] | None) -> list[str] | None:
+    """`--debug` is the app's option; accept it after the command too (`dstackctl ps --debug`)."""
+    if argv is None or "--debug" not in argv:
+        return argv
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug", *(arg for arg in argv[:end] if arg != "--debug"), *argv[end:]]
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; never lets a traceback out without --debug."""
+    argv = _debug_first(argv if argv is not None else sys.argv[1:])
     try:
         result = app(args=argv, standalone_mode=False, prog_name="dstackctl")
     except typer.Exit as exc:

@@ -57,6 +57,8 @@ def show_runs(
     for problem in unreadable:
         _err(f"error: {problem}")
     for run_view in views:
+        for message in run_view.warnings:
+            _err(f"warning: {message}")
         if run_view.active and not run_view.agent_alive:
             _err(
                 f"warning: the agent of {run_view.name} is not running, so its endpoint is down; "

@@ -25,7 +25,10 @@ def ps(
     wide: bool = typer.Option(False, "--wide", help="Do not shorten columns; add container ids."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output (versioned envelope)."),
 ) -> int:
-    """List services and their replicas. Exit 0 whenever the store could be read."""
+    """List services and their replicas.
+
+    Exit 0 whenever the store could be read (a stopped service's unreadable state is a
+    warning); 1 when NAME is no service, or a running service's files cannot be read."""
     from functools import partial
 
     from dstackctl.cli.ps_view import show_runs, watch_runs

@@ -116,3 +116,45 @@ def test_counts_read_as_english() -> None:
     from dstackctl.wording import count_of
 
     assert [count_of(n, "replica") for n in (0, 1, 2)] == ["0 replicas", "1 replica", "2 replicas"]
+
+
+def test_garbage_in_a_stopped_services_state_is_a_warning_not_a_failure(
+    dstack_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dstackctl.store import Store
+
+    store = Store(dstack_home)
+    store.write("gone", "spec", {"name": "gone", "run_id": "r1", "desired": "stopped"})
+    (store.service_dir("gone") / "state.json").write_text("{garbage")
+    assert run(["ps", "-a"]) == ExitCode.OK
+    out, err = capsys.readouterr()
+    assert "gone" in out and "terminated" in out
+    assert err.startswith("warning: the state file ") and "gone is stopped, so ps shows it without it" in err
+    store.write("live", "spec", {"name": "live", "run_id": "r2", "desired": "running"})
+    (store.service_dir("live") / "state.json").write_text("{garbage")
+    assert run(["ps", "-a"]) == ExitCode.FAILED  # a running service's broken state: recover it
+
+
+def test_ps_help_says_when_it_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["ps", "--help"]) == ExitCode.OK
+    assert "1 when NAME is no service" in " ".join(capsys.readouterr().out.split())
+    assert run(["ps", "nosuch"]) == ExitCode.FAILED
+
+
+def test_a_home_that_cannot_be_created_is_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dstackctl.store import Store, StoreError
+
+    monkeypatch.setenv("DSTACKCTL_HOME", "/proc/nope")
+    with pytest.raises(StoreError) as exc:
+        Store().service_dir("web", create=True)
+    assert exc.value.message.startswith("cannot create the folder /proc/nope")
+    assert "point DSTACKCTL_HOME at a folder you can write" in exc.value.message
+
+
+def test_debug_is_accepted_after_any_command(dstack_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["ps", "--debug"]) == ExitCode.OK
+    assert run(["stop", "nosuch", "--debug"]) == ExitCode.FAILED  # not a usage error
+    assert "no service named" in capsys.readouterr().err
+    assert run(["logs", "--", "--debug"]) != ExitCode.OK  # after `--` it is an argument
