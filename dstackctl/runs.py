@@ -92,7 +92,9 @@ def _replica_json(row: ReplicaRow) -> dict[str, Any]:
     return {key: data[key] for key in _REPLICA_KEYS}
 
 
-def view(store: Store, name: str) -> RunView | None:
+def view(store: Store, name: str, listing: bool = False) -> RunView | None:
+    """The service as `ps` shows it. `listing` (ps without NAME): a stopped service's
+    unreadable state is a warning on the view, not an error."""
     data = store.read(name, SPEC)
     if data is None:
         return None
@@ -101,7 +103,7 @@ def view(store: Store, name: str) -> RunView | None:
     try:
         state = store.read(name, STATE)
     except StoreError as exc:
-        if spec.running:
+        if spec.running or not listing:
             raise
         # A stopped service needs none of it: say so and show it as terminated.
         state, warnings = None, (f"{exc.message.rstrip('.')}; {name} is stopped, so ps shows it without it",)
@@ -167,7 +169,7 @@ def all_views(store: Store, include_stopped: bool, problems: list[str] | None = 
     views = []
     for name in store.names():
         try:
-            found = view(store, name)
+            found = view(store, name, listing=True)
         except StoreError as exc:
             if problems is None:
                 raise

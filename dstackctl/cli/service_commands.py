@@ -27,8 +27,9 @@ def ps(
 ) -> int:
     """List services and their replicas.
 
-    Exit 0 whenever the store could be read (a stopped service's unreadable state is a
-    warning); 1 when NAME is no service, or a running service's files cannot be read."""
+    Exit 0 whenever the store could be read (listing, a stopped service's unreadable state
+    is a warning); 1 when NAME is no service or its files cannot be read, or a running
+    service's files cannot be read."""
     from functools import partial
 
     from dstackctl.cli.ps_view import show_runs, watch_runs
