@@ -6,6 +6,7 @@ Errors from the engine become DstackctlError with one sentence that says what to
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,31 @@ class DockerError(DstackctlError):
     """The engine refused or failed an operation."""
 
 
-def _engine_error(exc: Exception) -> DockerError:
+DEFAULT_SOCKET = "unix:///var/run/docker.sock"
+
+
+def engine_address() -> str | None:
+    """The context's engine address; None where docker-py's own DOCKER_HOST/socket rule holds."""
+    host, context = os.environ.get("DOCKER_HOST"), os.environ.get("DOCKER_CONTEXT")
+    if host and context:
+        raise DockerError(
+            "DOCKER_HOST and DOCKER_CONTEXT are both set; unset one (the docker CLI refuses both too)"
+        )
+    if host:
+        return None
+    from docker.context import ContextAPI
+    from docker.context.config import get_current_context_name
+
+    name = context or get_current_context_name()
+    if not name or name == "default":
+        return None
+    found = ContextAPI.get_context(name)
+    if found is None:
+        raise DockerError(f"the Docker context {name!r} does not exist; `docker context ls` lists them")
+    return str(found.Host) if found.Host else None
+
+
+def _engine_error(exc: Exception, tried: str | None = None) -> DockerError:
     text = str(exc)
     if isinstance(exc, docker.errors.DockerException) and "Permission denied" in text:
         return DockerError(
@@ -47,8 +72,9 @@ def _engine_error(exc: Exception) -> DockerError:
         or isinstance(exc, requests.exceptions.ConnectionError)
     ):
         return DockerError(
-            "Docker is not running (cannot reach its socket); start it with "
-            "`sudo systemctl start docker` or `sudo dockerd &`"
+            f"Docker is not running (cannot reach {tried or 'its socket'}); start it with "
+            f"`sudo systemctl start docker` or `sudo dockerd &`, or point DOCKER_HOST or "
+            f"DOCKER_CONTEXT at a running engine"
         )
     return DockerError(f"cannot talk to Docker: {text}")
 
@@ -85,11 +111,17 @@ class DockerEngine:
 
     @classmethod
     def connect(cls, timeout: int = 30) -> DockerEngine:
+        """The engine the docker CLI would use: DOCKER_HOST, else DOCKER_CONTEXT or the
+        context of `docker context use`, else the local socket."""
+        address = engine_address()
         try:
-            client = docker.from_env(timeout=timeout)
+            if address is None:
+                client = docker.from_env(timeout=timeout)
+            else:
+                client = docker.DockerClient(base_url=address, timeout=timeout)
             client.ping()
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise _engine_error(exc) from None
+            raise _engine_error(exc, address or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET) from None
         return cls(client)
 
     def close(self) -> None:

@@ -158,3 +158,32 @@ def test_debug_is_accepted_after_any_command(dstack_home: Path, capsys: pytest.C
     assert run(["stop", "nosuch", "--debug"]) == ExitCode.FAILED  # not a usage error
     assert "no service named" in capsys.readouterr().err
     assert run(["logs", "--", "--debug"]) != ExitCode.OK  # after `--` it is an argument
+
+
+def test_docker_is_found_as_the_docker_cli_finds_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+    import json as json_module
+
+    from dstackctl.docker import DockerEngine, DockerError, engine_address
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.docker: the default context
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
+    assert engine_address() is None
+    monkeypatch.setenv("DOCKER_CONTEXT", "nosuch")
+    with pytest.raises(DockerError, match="the Docker context 'nosuch' does not exist"):
+        engine_address()
+    # A context as `docker context create remote --docker host=unix:///tmp/x.sock` writes it.
+    (tmp_path / ".docker").mkdir()
+    (tmp_path / ".docker" / "config.json").write_text("{}")
+    meta = tmp_path / ".docker" / "contexts" / "meta" / hashlib.sha256(b"remote").hexdigest()
+    meta.mkdir(parents=True)
+    document = {"Name": "remote", "Metadata": {}, "Endpoints": {"docker": {"Host": "unix:///tmp/x.sock"}}}
+    (meta / "meta.json").write_text(json_module.dumps(document))
+    monkeypatch.setenv("DOCKER_CONTEXT", "remote")
+    assert engine_address() == "unix:///tmp/x.sock"
+    with pytest.raises(DockerError, match=r"cannot reach unix:///tmp/x\.sock"):
+        DockerEngine.connect(timeout=2)
+    monkeypatch.setenv("DOCKER_HOST", "unix:///tmp/y.sock")
+    with pytest.raises(DockerError, match="both set"):
+        engine_address()
