@@ -124,10 +124,8 @@ def view(store: Store, name: str, listing: bool = False) -> RunView | None:
     deployment = (
         observed.deployment_num if seen and observed.deployment_num is not None else spec.current.number
     )
-    if status == "running" and any(row.phase in ("failed", "unready") for row in replicas):
-        ready = sum(1 for row in replicas if row.ready)
-        target = observed.target_replicas if observed.target_replicas is not None else spec.current.replicas
-        status = "degraded" if ready < target else status  # a replica failed or left rotation
+    if status == "running" and _degraded(replicas, observed.target_replicas or spec.current.replicas):
+        status = "degraded"
     return RunView(
         name=name,
         status=status,
@@ -144,6 +142,12 @@ def view(store: Store, name: str, listing: bool = False) -> RunView | None:
         rollout=_rollout(spec, observed),
         warnings=warnings,
     )
+
+
+def _degraded(replicas: list[ReplicaRow], desired: int) -> bool:
+    """A replica failed or left rotation, and fewer than desired are ready."""
+    hurt = any(row.phase in ("failed", "unready") for row in replicas)
+    return hurt and sum(1 for row in replicas if row.ready) < desired
 
 
 def _rollout(spec: SpecDocument, observed: ObservedState) -> RolloutStatus | None:

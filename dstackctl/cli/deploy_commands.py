@@ -14,11 +14,13 @@ from dstackctl.cli.following import (
     Progress,
     attach,
     parse_timeout,
+    print_result,
     report,
     wait_rollout_and_report,
     wait_scaled,
 )
-from dstackctl.cli.output import warn
+from dstackctl.cli.output import state, warn
+from dstackctl.cli.plan_view import plan_text
 from dstackctl.cli.validate_files import DEFAULT_CONFIG
 from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
 from dstackctl.wording import count_of
@@ -49,6 +51,7 @@ def run(
         None, "--port", min=1, max=65535, help="Port of the service endpoint on 127.0.0.1."
     ),
     yes: bool = typer.Option(False, "-y", "--yes", help="Update a running service without asking."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (implies -d)."),
 ) -> int:
     """Start a service: its replicas as containers behind one endpoint, kept by a background agent.
 
@@ -60,7 +63,7 @@ def run(
     replica failed or a rollout was rolled back, 2 invalid configuration or an update not
     confirmed, 3 not ready within --timeout.
     """
-    options = _Options(detach, no_wait, timeout, dry_run, env, port, yes, force=False)
+    options = _Options(detach or as_json, no_wait, timeout, dry_run, env, port, yes, False, as_json)
     return _run_command(config_file(config_arg, config_opt), name, options)
 
 
@@ -87,6 +90,7 @@ def apply(
     port: int | None = typer.Option(
         None, "--port", min=1, max=65535, help="Port of the service endpoint on 127.0.0.1."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object (implies -d)."),
 ) -> int:
     """Apply a service file, as `dstack apply` does: start it, or update the running service.
 
@@ -95,7 +99,7 @@ def apply(
     an unchanged service. Attached by default (Ctrl-C detaches); -d returns once ready.
     Exit codes as `run`.
     """
-    options = _Options(detach, no_wait, timeout, False, env, port, yes, force)
+    options = _Options(detach or as_json, no_wait, timeout, False, env, port, yes, force, as_json)
     return _run_command(config_file(config_arg, config_opt), name, options)
 
 
@@ -109,6 +113,7 @@ class _Options:
     port: int | None
     yes: bool
     force: bool
+    as_json: bool = False
 
 
 def config_file(argument: Path | None, option: Path | None) -> Path:
@@ -124,7 +129,8 @@ def config_file(argument: Path | None, option: Path | None) -> Path:
 
 
 def _run_command(path: Path, name: str | None, options: _Options) -> int:
-    if options.detach and options.no_wait:
+    state.as_json = options.as_json
+    if options.detach and options.no_wait and not options.as_json:
         raise UsageError("-d waits until ready and --no-wait does not wait: choose one")
     from dstackctl.deploy import run_name
 
@@ -156,7 +162,7 @@ def _dry_run(loaded: LoadedConfig, service: str, env_values: dict[str, str], por
         engine: DockerEngine | None = DockerEngine.connect()
     except DstackctlError:
         engine = None  # the plan can be made without Docker; GPUs in use are then unknown
-    typer.echo(_plan(loaded, service, env_values, port, gpu_plan(loaded, engine)))
+    typer.echo(plan_text(loaded, service, env_values, port, gpu_plan(loaded, engine)))
     return ExitCode.OK
 
 
@@ -183,12 +189,12 @@ def _start(
     if submitted.outcome == "rollout":
         typer.echo(f"{service}: rolling update to deployment {submitted.deployment_num}.", err=True)
         if no_wait:
-            return ExitCode.OK
+            return _submitted(store, service, "rollout")
         return wait_rollout_and_report(
             store, service, seconds, submitted.deployment_num, loaded.config.total_replicas
         )
     if submitted.outcome == "unchanged":
-        typer.echo(f"{service} is already running with this configuration.")
+        typer.echo(f"{service} is already running with this configuration.", err=state.as_json)
         if not detach:
             return ExitCode.OK
     elif submitted.outcome == "scaled":
@@ -196,9 +202,9 @@ def _start(
             f"{service}: scaling to {count_of(loaded.config.total_replicas, 'replica')} in place.", err=True
         )
     if no_wait:
-        typer.echo(f"Submitted {service}; `dstackctl ps -v {service}` shows its progress.")
-        return ExitCode.OK
-    code = _wait_until_ready(store, service, seconds)
+        typer.echo(f"Submitted {service}; `dstackctl ps -v {service}` shows its progress.", err=state.as_json)
+        return _submitted(store, service, submitted.outcome)
+    code = _wait_until_ready(store, service, seconds, submitted.outcome)
     if code is not None or detach or submitted.outcome != "started":
         return code or ExitCode.OK
     return attach(store, service, engine)
@@ -231,11 +237,20 @@ def _restart(
     number = start_rollout(store, service, Release.of(loaded, env_values), seconds)
     typer.echo(f"{service}: rolling update to deployment {number}.", err=True)
     if no_wait:
-        return ExitCode.OK
+        return _submitted(store, service, "rollout")
     return wait_rollout_and_report(store, service, seconds, number, loaded.config.total_replicas)
 
 
-def _wait_until_ready(store: Any, service: str, seconds: int) -> int | None:
+def _submitted(store: Any, service: str, action: str) -> int:
+    """`--no-wait --json`: the service as submitted."""
+    if state.as_json:
+        from dstackctl.runs import view
+
+        print_result(view(store, service), action, ExitCode.OK, f"submitted {service}")
+    return ExitCode.OK
+
+
+def _wait_until_ready(store: Any, service: str, seconds: int, action: str) -> int | None:
     """None once ready (reported); the exit code when interrupted. A failure raises."""
     from dstackctl.waiting import wait_ready
 
@@ -248,7 +263,7 @@ def _wait_until_ready(store: Any, service: str, seconds: int) -> int | None:
             err=True,
         )
         return ExitCode.INTERRUPTED
-    report(outcome)
+    report(outcome, action)
     return None
 
 
@@ -273,6 +288,7 @@ def redeploy(
     env: list[str] = typer.Option(
         [], "-e", "--env", metavar="KEY[=VAL]", help="Set an env variable (KEY alone: from your environment)."
     ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> int:
     """Replace a service's replicas one by one; each new one takes traffic only once ready.
 
@@ -284,6 +300,7 @@ def redeploy(
     from dstackctl.spec_document import SpecDocument
     from dstackctl.store import Store
 
+    state.as_json = as_json
     seconds = parse_timeout(timeout)
     store = Store()
     data = store.read(name, "spec")
@@ -301,11 +318,11 @@ def redeploy(
         release, started = _roll_out_file(store, name, data, config, env, seconds)
         if started is None:
             typer.echo(f"{name}: scaling to {count_of(release.replicas, 'replica')} in place.", err=True)
-            return ExitCode.OK if no_wait else wait_scaled(store, name, seconds)
+            return _submitted(store, name, "scaled") if no_wait else wait_scaled(store, name, seconds)
         number = started
     typer.echo(f"{name}: rolling update to deployment {number}.", err=True)
     if no_wait:
-        return ExitCode.OK
+        return _submitted(store, name, "rollout")
     return wait_rollout_and_report(store, name, seconds, number, release.replicas)
 
 
@@ -325,54 +342,6 @@ def _roll_out_file(
         submit(store, loaded, name, env_values, None, seconds)
         return release, None
     return release, start_rollout(store, name, release, seconds)  # same config: a restart
-
-
-def _plan(
-    loaded: Any,
-    service: str,
-    env_values: dict[str, str],
-    port: int | None,
-    gpus: list[tuple[str, int, list[Any]]] | None,
-) -> str:
-    config = loaded.config
-    local_port = port or config.port.local_port or config.port.container_port
-    probes = ", ".join(f"{p.method.upper()} {p.url}" for p in config.effective_probes())
-    header = [
-        f"Plan for {service} (nothing was started):",
-        f"  replicas:  {config.total_replicas}, each publishing container port "
-        f"{config.port.container_port} on 127.0.0.1 (ephemeral host port)",
-        f"  endpoint:  http://127.0.0.1:{local_port}",
-        f"  env:       {', '.join(sorted(env_values)) or '(none)'}",
-        f"  probes:    {probes or 'none'}",
-    ]
-    if config.groups is None:
-        return "\n".join([*header[:1], *_group_lines(config, "0", gpus, "  "), *header[1:]])
-    lines = header
-    router = config.router_group
-    for name, count in config.group_counts.items():
-        role = ", takes the endpoint's traffic" if router is not None and router.name == name else ""
-        lines.append(f"  group {name} ({count_of(count, 'replica')}{role}):")
-        lines += _group_lines(config.for_group(name), name, gpus, "    ")
-    return "\n".join(lines)
-
-
-def _group_lines(
-    config: Any, group: str, gpus: list[tuple[str, int, list[Any]]] | None, indent: str
-) -> list[str]:
-    from dstackctl.replica_spec import entrypoint_and_command, image_of
-
-    entrypoint, command = entrypoint_and_command(config)
-    gpu = config.resources.gpu
-    return [
-        f"{indent}image:     {image_of(config)}",
-        f"{indent}command:   {' '.join(entrypoint or [])} {' '.join(command or [])}".rstrip(),
-        f"{indent}gpu:       {gpu if gpu and gpu.wants_gpus else 'none'}",
-        *(
-            f"{indent}  replica={num}: " + ", ".join(f"GPU {g.index} ({g}, {g.uuid})" for g in chosen)
-            for name, num, chosen in gpus or []
-            if name == group
-        ),
-    ]
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from dstackctl.cli import gc_policy
+from dstackctl.cli.output import state
 from dstackctl.errors import DstackctlError, ExitCode, UsageError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def wait_rollout_and_report(
         return ExitCode.INTERRUPTED
     if outcome.exit_code == ExitCode.OK:
         forget_previous_env(store, service)
-    report(outcome)
+    report(outcome, "rollout")
     return ExitCode.OK
 
 
@@ -55,15 +56,34 @@ def wait_scaled(store: Any, service: str, seconds: int) -> int:
     from dstackctl.waiting import wait_ready
 
     outcome = wait_ready(store, service, seconds, Progress().show)
-    report(outcome)
+    report(outcome, "scaled")
     return ExitCode.OK
 
 
-def report(outcome: Outcome) -> None:
-    """Print a successful wait's outcome with the URLs; raise a failed one (its exit code)."""
+def report(outcome: Outcome, action: str) -> None:
+    """Print a successful wait's outcome with the URLs; raise a failed one (its exit code).
+    With --json, the result object goes to stdout in both cases, the sentence to stderr."""
+    if state.as_json:
+        print_result(outcome.view, action, outcome.exit_code, outcome.message)
     if outcome.exit_code != ExitCode.OK:
         raise DstackctlError(outcome.message, outcome.exit_code)
-    typer.echo(outcome.message + urls(outcome.view))
+    typer.echo(outcome.message + urls(outcome.view), err=state.as_json)
+
+
+def print_result(view: RunView | None, action: str, exit_code: int, message: str) -> None:
+    """`--json`: what a CI script needs of the command's result, as one object."""
+    import json
+
+    document = {
+        "name": view.name if view else None,
+        "url": view.url if view else None,
+        "deployment": view.deployment_num if view else None,
+        "outcome": action,
+        "exit_code": int(exit_code),
+        "message": message,
+        "replicas": view.to_json()["replicas"] if view else [],
+    }
+    typer.echo(json.dumps(document))
 
 
 def urls(view: RunView | None) -> str:

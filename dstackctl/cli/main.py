@@ -59,6 +59,7 @@ def _debug_first(argv: list[str] | None) -> list[str] | None:
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; never lets a traceback out without --debug."""
     argv = _debug_first(argv if argv is not None else sys.argv[1:])
+    state.as_json = False  # set by the commands that take --json
     try:
         result = app(args=argv, standalone_mode=False, prog_name="dstackctl")
     except typer.Exit as exc:

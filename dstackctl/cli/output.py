@@ -10,6 +10,7 @@ import typer
 @dataclass
 class _State:
     debug: bool = False
+    as_json: bool = False  # run/apply/redeploy/stop --json: one object on stdout, words on stderr
 
 
 state = _State()

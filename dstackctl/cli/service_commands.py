@@ -45,6 +45,7 @@ def stop(
         False, "-x", "--abort", help="Kill the containers at once, without the grace period."
     ),
     yes: bool = typer.Option(False, "-y", "--yes", help="Accepted for dstack's scripts; stop never asks."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> int:
     """Stop services: their agent and containers (SIGTERM, then SIGKILL after the grace period).
 
@@ -81,14 +82,25 @@ def stop(
             return service, exc.message
         return service, f"{count_of(removed, 'container')} removed"
 
-    failed = False
     with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
-        for service, result in pool.map(one, names):
-            if result and result.endswith("removed"):
-                typer.echo(f"Stopped {service} ({result}).")
-            else:
-                failed = True
-                typer.echo(f"error: {result}", err=True)
+        return _report_stops(list(pool.map(one, names)), as_json)
+
+
+def _report_stops(results: list[tuple[str, str | None]], as_json: bool) -> int:
+    failed = False
+    documents = []
+    for service, result in results:
+        stopped = bool(result and result.endswith("removed"))
+        documents.append({"name": service, "outcome": "stopped" if stopped else "failed", "message": result})
+        if stopped:
+            typer.echo(f"Stopped {service} ({result}).", err=as_json)
+        else:
+            failed = True
+            typer.echo(f"error: {result}", err=True)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"services": documents}))
     return ExitCode.FAILED if failed else ExitCode.OK
 
 
