@@ -187,8 +187,9 @@ def _agent_of(home: Path, name: str) -> int | None:
     state = home / "services" / name / "state.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         pid = int(json.loads(state.read_text())["agent"]["pid"])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if str(home).encode() in cmdline and b"dstackctl.agent" in cmdline:
+        # The agent's title (agent/process.py): `dstackctl-agent NAME --home HOME`.
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        if f"dstackctl-agent {name} --home {home}".encode() in cmdline:
             return pid
     return None
 

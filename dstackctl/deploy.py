@@ -3,6 +3,7 @@ the service's agent runs. Rollouts are requested here and carried out by the age
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -16,7 +17,7 @@ from dstackctl.errors import DstackctlError, NoSuchService, UsageError
 from dstackctl.replica_spec import config_hash
 from dstackctl.spec_document import DEFAULT_ROLLOUT_TIMEOUT, DeploymentRecord, RolloutRequest, SpecDocument
 from dstackctl.status import ObservedState
-from dstackctl.store import SECRETS, SPEC, STATE, Store
+from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
 from dstackctl.timeutil import utc_now
 
 if TYPE_CHECKING:
@@ -243,8 +244,11 @@ def _start(
     from dstackctl.netutil import port_is_free
 
     if not port_is_free("127.0.0.1", port):
+        store.discard_if_unused(name)
+        holder = next((other for other in _endpoint_holders(store, port) if other != name), None)
+        who = f"the endpoint of {holder} (dstackctl)" if holder else "another program"
         raise DstackctlError(
-            f"port {port} on 127.0.0.1 is in use by another program, and {name}'s endpoint needs it; "
+            f"port {port} on 127.0.0.1 is in use by {who}, and {name}'s endpoint needs it; "
             f"choose another with --port or `port: LOCAL:CONTAINER`"
         )
     registry_auth = None
@@ -268,6 +272,17 @@ def _start(
         store.write(name, SPEC, spec.to_json())
     start_agent(store, name)
     return Submitted(name, "started")
+
+
+def _endpoint_holders(store: Store, port: int) -> list[str]:
+    """Running services of this store whose endpoint has `port`."""
+    holders = []
+    for other in store.names():
+        with contextlib.suppress(StoreError):
+            spec = store.read(other, SPEC) or {}
+            if spec.get("desired") == "running" and spec.get("endpoint_port") == port:
+                holders.append(other)
+    return holders
 
 
 def ensure_agent(store: Store, name: str) -> bool:

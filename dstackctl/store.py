@@ -85,6 +85,15 @@ class Store:
     def exists(self, name: str) -> bool:
         return (self.service_dir(name) / f"{SPEC}.json").exists()
 
+    def discard_if_unused(self, name: str) -> None:
+        """Remove the folder of a service that was never recorded (only its lock file in it),
+        so that a `run` that failed before writing anything leaves nothing behind."""
+        folder = self.service_dir(name)
+        with contextlib.suppress(OSError):
+            if {p.name for p in folder.iterdir()} <= {"lock"}:
+                (folder / "lock").unlink(missing_ok=True)
+                folder.rmdir()
+
     def log_path(self, name: str) -> Path:
         return self.service_dir(name) / AGENT_LOG
 

@@ -141,11 +141,22 @@ def _raise_open_file_limit() -> None:
             log.warning("cannot raise the open-file limit from %d: %s", soft, exc)
 
 
+def _set_title(title: str) -> None:
+    """How `ps aux` shows the agent: a forked one would otherwise keep the command line of the
+    `dstackctl run -d ...` that started it for its whole life, like a hung command."""
+    try:
+        import setproctitle
+    except ImportError:  # a build without the C extension: cosmetic only
+        return
+    setproctitle.setproctitle(title)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=AGENT_MODULE)
     parser.add_argument("name")
     parser.add_argument("--home", required=True)
     args = parser.parse_args(argv)
+    _set_title(f"dstackctl-agent {args.name} --home {args.home}")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     stop = threading.Event()
 
