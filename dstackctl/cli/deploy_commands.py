@@ -19,7 +19,7 @@ from dstackctl.cli.following import (
     wait_rollout_and_report,
     wait_scaled,
 )
-from dstackctl.cli.output import state, warn
+from dstackctl.cli.output import service_names, state, warn
 from dstackctl.cli.plan_view import plan_text
 from dstackctl.cli.validate_files import DEFAULT_CONFIG
 from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
@@ -277,7 +277,7 @@ def _warn_if_port_changes(spec: dict[str, Any], wanted: int) -> None:
 
 
 def redeploy(
-    name: str = typer.Argument(..., help="Service name."),
+    name: str = typer.Argument(..., help="Service name.", autocompletion=service_names),
     config: Path | None = typer.Option(
         None, "-f", "--file", help="New service file (default: restart with the same config)."
     ),

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from dstackctl.cli.following import print_logs
+from dstackctl.cli.output import service_names
 from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
 from dstackctl.wording import count_of
 
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def ps(
-    name: str | None = typer.Argument(None, help="Show only this service."),
+    name: str | None = typer.Argument(None, help="Show only this service.", autocompletion=service_names),
     all_runs: bool = typer.Option(False, "-a", "--all", help="Include stopped services."),
     verbose: bool = typer.Option(False, "-v", "--verbose", help="A row per replica, with probes."),
     watch: bool = typer.Option(False, "-w", "--watch", help="Refresh every second until Ctrl-C."),
@@ -39,7 +40,9 @@ def ps(
 
 
 def stop(
-    names: list[str] = typer.Argument(None, metavar="NAME...", help="Services to stop.", show_default=False),
+    names: list[str] = typer.Argument(
+        None, metavar="NAME...", help="Services to stop.", show_default=False, autocompletion=service_names
+    ),
     all_services: bool = typer.Option(False, "--all", help="Stop every running service."),
     abort: bool = typer.Option(
         False, "-x", "--abort", help="Kill the containers at once, without the grace period."
@@ -105,7 +108,7 @@ def _report_stops(results: list[tuple[str, str | None]], as_json: bool) -> int:
 
 
 def logs(
-    name: str = typer.Argument(..., help="Service name."),
+    name: str = typer.Argument(..., help="Service name.", autocompletion=service_names),
     replica: int | None = typer.Option(None, "--replica", help="Only this replica number."),
     follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines."),
     tail: int | None = typer.Option(None, "--tail", help="Only the last N lines of each replica."),
@@ -126,7 +129,7 @@ def logs(
     return ExitCode.OK
 
 
-def recover(name: str = typer.Argument(..., help="Service name.")) -> int:
+def recover(name: str = typer.Argument(..., help="Service name.", autocompletion=service_names)) -> int:
     """Rebuild a service's lost or corrupt record from its containers' labels, restart its agent."""
     from dstackctl.docker import DockerEngine
     from dstackctl.lifecycle import recover_service

@@ -187,3 +187,26 @@ def test_docker_is_found_as_the_docker_cli_finds_it(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("DOCKER_HOST", "unix:///tmp/y.sock")
     with pytest.raises(DockerError, match="both set"):
         engine_address()
+
+
+def test_shell_completion_knows_the_commands_and_the_services(dstack_home: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dstackctl.store import Store
+
+    Store(dstack_home).write("webapp", "spec", {"name": "webapp", "run_id": "r1", "desired": "running"})
+
+    def complete(words: str) -> list[str]:
+        env = {
+            **os.environ,
+            "_DSTACKCTL_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - 1),
+        }
+        done = subprocess.run([sys.executable, "-m", "dstackctl"], env=env, capture_output=True, text=True)
+        return done.stdout.split()
+
+    assert set(complete("dstackctl re")) == {"redeploy", "recover"}
+    assert complete("dstackctl stop we") == ["webapp"]
