@@ -66,6 +66,30 @@ def too_big(size: int | None) -> str:
     return f"the file is {shown}; a service file may be at most 1 MiB"
 
 
+# PyYAML's words for the mistakes people make, and what to check instead.
+_EXPLAINED = {
+    "mapping values are not allowed here": (
+        "a `key: value` where none can start; check this line's indentation against the lines "
+        "above (keys of one mapping line up), or quote a value that contains ': '"
+    ),
+    "expected <block end>": (
+        "this line is indented differently from the lines it belongs with; line up the items of "
+        "one list, or the keys of one mapping, at the same column"
+    ),
+    "could not find expected ':'": (
+        "a line without `key: value`; check for a missing colon, or a quote left open above"
+    ),
+    "found character '\\t' that cannot start any token": "a tab; YAML indents with spaces only",
+}
+
+
+def _explained(problem: str) -> str:
+    for start, sentence in _EXPLAINED.items():
+        if problem.startswith(start):
+            return sentence
+    return problem
+
+
 def read_yaml(raw: bytes) -> YamlSource:
     if len(raw) > MAX_FILE_BYTES:
         raise SourceError(too_big(len(raw)))
@@ -102,7 +126,7 @@ def read_yaml(raw: bytes) -> YamlSource:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "invalid YAML"
-        raise SourceError(f"invalid YAML: {problem}", mark.line + 1 if mark else None) from None
+        raise SourceError(f"invalid YAML: {_explained(problem)}", mark.line + 1 if mark else None) from None
     except yaml.YAMLError as exc:
         raise SourceError(f"invalid YAML: {exc}") from None
     except RecursionError:

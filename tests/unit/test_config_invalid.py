@@ -47,7 +47,7 @@ def headers(count: int) -> str:
 
 CASES = [
     # --- the file as a whole ---
-    case("yaml-tab-indent", "type: service\nresources:\n\tgpu: 1\n", 3, "", "invalid YAML", head=False),
+    case("yaml-tab-indent", "type: service\nresources:\n\tgpu: 1\n", 3, "", "invalid YAML: a tab; YAML indents with spaces only", head=False),
     case("yaml-unclosed-quote", 'type: service\nname: "abc\nport: 8000\n', 4, "", "invalid YAML", head=False),
     case(
         "yaml-unclosed-bracket",
@@ -57,7 +57,17 @@ CASES = [
         "expected ',' or ']'",
         head=False,
     ),
-    case("yaml-bad-indent", "type: service\n  port: 8000\n", 2, "", "invalid YAML", head=False),
+    case(
+        "yaml-bad-indent", "type: service\n  port: 8000\n", 2, "", "check this line's indentation", head=False
+    ),
+    case(
+        "yaml-list-out-of-line",
+        "type: service\nport: 8000\nimage: x\nprobes:\n  - type: http\n   url: /h\n",
+        6,
+        "",
+        "line up the items of one list, or the keys of one mapping, at the same column",
+        head=False,
+    ),
     case("empty-file", "", None, "", "the file is empty", head=False),
     case("only-comments", "# a service\n\n# nothing else\n", None, "", "the file is empty", head=False),
     case("list-document", "- type: service\n- port: 8000\n", 1, "", "the file holds a list", head=False),
