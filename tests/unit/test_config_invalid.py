@@ -47,7 +47,14 @@ def headers(count: int) -> str:
 
 CASES = [
     # --- the file as a whole ---
-    case("yaml-tab-indent", "type: service\nresources:\n\tgpu: 1\n", 3, "", "invalid YAML: a tab; YAML indents with spaces only", head=False),
+    case(
+        "yaml-tab-indent",
+        "type: service\nresources:\n\tgpu: 1\n",
+        3,
+        "",
+        "invalid YAML: a tab; YAML indents with spaces only",
+        head=False,
+    ),
     case("yaml-unclosed-quote", 'type: service\nname: "abc\nport: 8000\n', 4, "", "invalid YAML", head=False),
     case(
         "yaml-unclosed-bracket",
