@@ -67,6 +67,9 @@ def _one_line(value: str) -> str:
     return value.replace("\r", " ").replace("\n", " ")
 
 
+NO_RESPONSE = "closed the connection without a response"
+
+
 def execute_probe(host: str, port: int, probe: ProbeConfig) -> ProbeResult:
     """Send one probe request and read its status line; never raises, never follows redirects.
 
@@ -93,7 +96,7 @@ def execute_probe(host: str, port: int, probe: ProbeConfig) -> ProbeResult:
     except OSError as exc:
         return ProbeResult(False, None, f"{type(exc).__name__}: {exc.strerror or exc}"[:200])
     if not head:
-        return ProbeResult(False, None, "closed the connection without a response")
+        return ProbeResult(False, None, NO_RESPONSE)
     match = _STATUS_LINE.match(head)
     if match is None:
         return ProbeResult(False, None, "answered with something that is not HTTP")
@@ -136,6 +139,7 @@ class _Target:
     probes: list[ProbeConfig]
     statuses: list[ProbeView]
     address: tuple[str, int] | None = None  # for the connect check of a probe-less replica
+    inside: tuple[str, int] | None = None  # the container's own address and port
     connected: bool = False
     in_rotation: bool = False
     generation: int = 0
@@ -219,6 +223,7 @@ class ProbeRunner:
                     for p, url in zip(probes, urls or [p.url for p in probes], strict=True)
                 ],
                 address=None if probes else (address or (host, port)),
+                inside=address,
                 generation=(current.generation + 1) if current else 0,
             )
             self._targets[key] = target
@@ -283,6 +288,11 @@ class ProbeRunner:
             return
         probe = target.probes[index]
         result = self._execute(target.host, target.port, probe)
+        if result.error == NO_RESPONSE and target.inside and not self._connect(*target.inside):
+            # Docker's proxy took the connection, but nothing listens behind it.
+            result = ProbeResult(
+                False, None, f"nothing answers on port {target.inside[1]} inside the container; check `port:`"
+            )
         with target.lock:
             previous, was_in_rotation = target.statuses[index], target.in_rotation
             status = target.statuses[index] = recorded(previous, result)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import cli, free_port, write_service
+from helpers import cli, free_port, ps_run, wait_until, write_service
 
 from dstackctl.store import Store
 
@@ -40,3 +40,18 @@ def test_the_agent_shows_as_dstackctl_agent_in_ps_not_as_the_command_that_starte
     assert pid is not None
     title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
     assert title == f"dstackctl-agent titled --home {dstack_home}"
+
+
+def test_nothing_listening_on_the_port_says_so_and_names_the_port(
+    dstack_home: Path, tmp_path: Path, test_image: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_service(tmp_path, "deaf", test_image, [HTTPD], extra="probes:\n  - {type: http, url: /}\n")
+    path.write_text(path.read_text().replace(':8000"', ':9000"'))  # the app listens on 8000
+    assert cli(capsys, "run", "--no-wait", path).code == 0
+
+    def error() -> str | None:
+        rows = ps_run(capsys, "deaf")["replicas"]
+        return (rows[0]["probes"][0]["last_error"] if rows and rows[0]["probes"] else None) or None
+
+    message = wait_until(error, timeout=30, what="the probe's first error")
+    assert message == "nothing answers on port 9000 inside the container; check `port:`"
