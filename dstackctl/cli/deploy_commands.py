@@ -20,7 +20,7 @@ from dstackctl.cli.following import (
     wait_scaled,
 )
 from dstackctl.cli.output import service_names, state, warn
-from dstackctl.cli.plan_view import plan_text
+from dstackctl.cli.plan_view import dry_run
 from dstackctl.cli.validate_files import DEFAULT_CONFIG
 from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
 from dstackctl.wording import count_of
@@ -135,10 +135,10 @@ def _run_command(path: Path, name: str | None, options: _Options) -> int:
     from dstackctl.deploy import run_name
 
     seconds = parse_timeout(options.timeout)
+    if options.dry_run:
+        return dry_run(path, name, options.env, options.port)
     loaded, env_values = _load(path, options.env)
     service = run_name(loaded, name)
-    if options.dry_run:
-        return _dry_run(loaded, service, env_values, options.port)
     return _start(loaded, service, env_values, seconds, options)
 
 
@@ -152,18 +152,6 @@ def _load(path: Path, env: list[str]) -> tuple[LoadedConfig, dict[str, str]]:
         warn(str(issue))
     overrides = parse_env_overrides(env, os.environ)
     return loaded, {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
-
-
-def _dry_run(loaded: LoadedConfig, service: str, env_values: dict[str, str], port: int | None) -> int:
-    from dstackctl.deploy import gpu_plan
-    from dstackctl.docker import DockerEngine
-
-    try:
-        engine: DockerEngine | None = DockerEngine.connect()
-    except DstackctlError:
-        engine = None  # the plan can be made without Docker; GPUs in use are then unknown
-    typer.echo(plan_text(loaded, service, env_values, port, gpu_plan(loaded, engine)))
-    return ExitCode.OK
 
 
 def _start(

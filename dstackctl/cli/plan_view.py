@@ -1,10 +1,71 @@
-"""`run --dry-run`: the plan, as text."""
+"""`run --dry-run`: the plan, as text, also when something `run` needs is missing."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
+import typer
+
+from dstackctl.errors import DstackctlError, ExitCode
 from dstackctl.wording import count_of
+
+
+def dry_run(path: Path, name: str | None, env: list[str], port: int | None) -> int:
+    """Print the plan and touch nothing. A missing env variable (exit 2) or missing GPUs
+    (exit 1) are named after the plan, with the file and line they come from."""
+    from dstackctl.cli.output import warn
+    from dstackctl.config.issues import ConfigError
+    from dstackctl.config.loader import load_service_file
+    from dstackctl.deploy import gpu_plan, parse_env_overrides, run_name
+    from dstackctl.gpus import GpuError
+
+    loaded = load_service_file(path)
+    for issue in loaded.warnings:
+        warn(str(issue))
+    overrides = parse_env_overrides(env, os.environ)
+    problems: list[str] = []
+    code = ExitCode.OK
+    try:
+        env_values = {**loaded.resolve_env({**os.environ, **overrides}), **overrides}
+    except ConfigError as exc:
+        env_values = {name: "" for name in loaded.config.environment}
+        problems += [str(issue) for issue in exc.issues]
+        code = ExitCode.USAGE
+    try:
+        gpus = gpu_plan(loaded, _engine_or_none())
+    except GpuError as exc:
+        gpus = None
+        problems.append(f"{_gpu_place(loaded)}: {exc.message}")
+        code = code or ExitCode.FAILED
+    typer.echo(plan_text(loaded, run_name(loaded, name), env_values, port, gpus))
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    return code
+
+
+def _engine_or_none() -> Any:
+    from dstackctl.docker import DockerEngine
+
+    try:
+        return DockerEngine.connect()
+    except DstackctlError:
+        return None  # the plan can be made without Docker; GPUs in use are then unknown
+
+
+def _gpu_place(loaded: Any) -> str:
+    """`file:line: resources.gpu` of the (first) GPU request."""
+    from dstackctl.config.issues import dotted
+    from dstackctl.config.loader import as_written
+
+    config = loaded.config
+    where: tuple[Any, ...] = ("resources", "gpu")
+    for index, group in enumerate(config.groups or []):
+        if group.resources.gpu is not None and group.resources.gpu.wants_gpus:
+            where = as_written(("groups", index, "resources", "gpu"), loaded.data)
+            break
+    return f"{loaded.file}:{loaded.source.line_of(where)}: {dotted(where)}"
 
 
 def plan_text(

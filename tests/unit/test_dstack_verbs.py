@@ -210,3 +210,20 @@ def test_shell_completion_knows_the_commands_and_the_services(dstack_home: Path)
 
     assert set(complete("dstackctl re")) == {"redeploy", "recover"}
     assert complete("dstackctl stop we") == ["webapp"]
+
+
+def test_dry_run_prints_the_plan_and_names_a_missing_variable_and_missing_gpus_with_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("NEEDED_TOKEN_X", raising=False)
+    monkeypatch.setattr("dstackctl.gpus.discover", lambda: [])
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent.sock")
+    path = tmp_path / "svc.yml"
+    path.write_text(SERVICE + "env:\n  - NEEDED_TOKEN_X\nresources:\n  gpu: A100:2\n")
+    assert run(["run", "--dry-run", str(path)]) == ExitCode.USAGE
+    out, err = capsys.readouterr()
+    assert out.startswith("Plan for web (nothing was started):") and "NEEDED_TOKEN_X" in out
+    assert f"error: {path}:6: env[0]: NEEDED_TOKEN_X is listed without a value" in err
+    assert f"error: {path}:8: resources.gpu: needs 2 x A100 for 1 replica; found no NVIDIA GPU" in err
+    monkeypatch.setenv("NEEDED_TOKEN_X", "set")
+    assert run(["run", "--dry-run", str(path)]) == ExitCode.FAILED  # only the GPUs are missing
