@@ -334,8 +334,11 @@ class DockerEngine:
         tail: int | None = None,
         follow: bool = False,
         stop: threading.Event | None = None,
+        timestamps: bool = False,
+        since: float | None = None,
     ) -> Iterator[bytes]:
-        """Log lines (stdout and stderr) as bytes, ending with the container or on `stop`."""
+        """Log lines (stdout and stderr) as bytes, ending with the container or on `stop`;
+        with `timestamps`, each starts with Docker's RFC 3339 time and a space."""
         try:
             stream = self._api.logs(
                 container_id,
@@ -344,6 +347,8 @@ class DockerEngine:
                 stream=True,
                 follow=follow,
                 tail="all" if tail is None else tail,
+                timestamps=timestamps,
+                **({"since": since} if since is not None else {}),
             )
         except docker.errors.NotFound:
             return

@@ -497,15 +497,19 @@ class FakeEngine:
         tail: int | None = None,
         follow: bool = False,
         stop: threading.Event | None = None,
+        timestamps: bool = False,
+        since: float | None = None,
     ) -> Iterator[bytes]:
+        """What the container printed so far (a fake does not follow: the stream ends)."""
         self._check()
         with self._lock:
             container = self._containers.get(container_id)
             lines = list(container.log) if container else []
         if tail is not None:
             lines = lines[-tail:] if tail else []
+        stamp = "2026-01-01T00:00:00.000000000Z " if timestamps else ""
         for line in lines:
-            yield (line + "\n").encode()
+            yield f"{stamp}{line}\n".encode()
 
     # --- inside the fake ----------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from dstackctl.agent.desired import Desired
 from dstackctl.agent.provisioning import Provisioner
 from dstackctl.docker import DockerEngine
 from dstackctl.gpus import discover
+from dstackctl.kept_logs import masked, secret_masks
 
 LOG_TAIL_LINES = 5
 
@@ -50,10 +51,5 @@ class RowLookups:
 
 def redact(lines: list[str], env: dict[str, str]) -> list[str]:
     """Each line with every env value of 4 or more characters replaced by ***, cut at 300."""
-    secrets = sorted((v for v in env.values() if len(v) >= 4), key=len, reverse=True)
-    result = []
-    for line in lines:
-        for value in secrets:
-            line = line.replace(value, "***")
-        result.append(line[:300])
-    return result
+    masks = secret_masks(env.values())
+    return [masked(line.encode(), masks).decode(errors="replace")[:300] for line in lines]

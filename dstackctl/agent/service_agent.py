@@ -20,6 +20,7 @@ from typing import Any
 
 from dstackctl.agent.desired import Deployment, Desired, DesiredReader
 from dstackctl.agent.endpoint_host import EndpointHost
+from dstackctl.agent.log_keeper import LogKeeper
 from dstackctl.agent.phases import (
     EXITED_STATES,
     LIVE_STATES,
@@ -37,6 +38,7 @@ from dstackctl.agent.rollouts import RolloutMonitor
 from dstackctl.agent.router_workers import RouterWorkers
 from dstackctl.agent.row_lookups import RowLookups
 from dstackctl.docker import DockerEngine, DockerError
+from dstackctl.kept_logs import LOGS_DIR
 from dstackctl.labels import service_labels
 from dstackctl.probes import ProbeRunner
 from dstackctl.replica import Replica
@@ -74,6 +76,7 @@ class ServiceAgent:
         self.publisher = StatusPublisher(store, name, self.book, self.facts, sources)
         self.rollouts = RolloutMonitor(None)
         self.router_workers = RouterWorkers()
+        self.logs = LogKeeper(store.service_dir(name) / LOGS_DIR, self._secrets_of)
         self.runner: ProbeRunner | None = None
         self._reader = DesiredReader(store, name)
         self._labels = service_labels(name, store.home)
@@ -108,6 +111,7 @@ class ServiceAgent:
             self.stop.set()
             self.runner.close()
             self.router_workers.close()
+            self.logs.close()
             self.endpoint.close()
             publisher.join(1.0)
 
@@ -219,6 +223,7 @@ class ServiceAgent:
             # needs every failure counted, so take a fresh look each round.
             self._probe_changed(replica.id)
         self.book.forget_missing(c.id for c in self._containers)
+        self.logs.follow(engine, self._containers)
 
     def _planned(self, replica: Replica, target: Deployment) -> Observed:
         state = self.book.get(replica.id)
@@ -352,6 +357,14 @@ class ServiceAgent:
         self._watch_probes(desired, target)
 
     # --- what rows and rollouts need ----------------------------------------------------
+
+    def _secrets_of(self, replica: Replica) -> dict[str, str]:
+        """The env values a replica runs with: masked in the output the agent keeps."""
+        deployment = self._deployment_of(replica)
+        desired = self._desired
+        if deployment is None and desired is not None:
+            deployment = desired.current
+        return deployment.env if deployment is not None else {}
 
     def _deployment_of(self, replica: Replica) -> Deployment | None:
         desired = self._desired

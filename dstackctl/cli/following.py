@@ -118,17 +118,16 @@ class Progress:
 
 
 def attach(store: Any, service: str, engine: Any) -> int:
-    from dstackctl.replica_logs import iter_logs, log_sources
+    from dstackctl.replica_logs import Filter, follow_service
 
     typer.echo(f"Showing the logs of {service}; Ctrl-C detaches (the service keeps running).", err=True)
     try:
-        sources = log_sources(store, service, engine, None)
-        print_logs(iter_logs(engine, sources, tail=None, follow=True), prefix=len(sources) > 1)
+        print_logs(follow_service(store, service, Filter(), None), prefix=True)
     except KeyboardInterrupt:
         typer.echo(f"\nDetached. {service} keeps running; stop it with `dstackctl stop {service}`.", err=True)
         return ExitCode.OK
-    typer.echo(f"The replicas of {service} stopped; `dstackctl ps -v {service}` shows why.", err=True)
-    return ExitCode.FAILED
+    typer.echo(f"{service} stopped; `dstackctl ps -a {service}` shows it.", err=True)
+    return ExitCode.OK
 
 
 def print_logs(lines: Any, prefix: bool) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -110,23 +110,74 @@ def _report_stops(results: list[tuple[str, str | None]], as_json: bool) -> int:
 def logs(
     name: str = typer.Argument(..., help="Service name.", autocompletion=service_names),
     replica: int | None = typer.Option(None, "--replica", help="Only this replica number."),
-    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing new lines."),
+    group: str | None = typer.Option(None, "--group", help="Only this replica group."),
+    follow: bool = typer.Option(
+        False, "-f", "--follow", help="Follow the service: new replicas join, until it stops."
+    ),
     tail: int | None = typer.Option(None, "--tail", help="Only the last N lines of each replica."),
+    since: str | None = typer.Option(
+        None,
+        "--since",
+        help="Only lines from this long ago (10m, 2h) or since a time (2026-12-03T10:00:00Z).",
+    ),
 ) -> int:
-    """Print the logs of a service's replicas (prefixed with `replica=N |` when several)."""
-    from dstackctl.docker import DockerEngine
-    from dstackctl.replica_logs import iter_logs, log_sources
+    """Print the logs of a service's replicas, also of replaced ones and after `stop` (the
+    agent keeps each replica's output, secrets masked: 2 x 5 MiB per container, the newest
+    64 containers). Lines are prefixed with `replica=N |` when there are several sources."""
+    from dstackctl.replica_logs import Filter, follow_service, iter_logs, log_sources, secret_values
     from dstackctl.store import Store
 
     if tail is not None and tail < 0:
         raise UsageError("--tail must be 0 or more")
+    only = Filter(replica, group, _since(since) if since else None)
     store = Store()
     if not store.exists(name):  # say so without needing Docker
         raise NoSuchService(name)
-    engine = DockerEngine.connect()
-    sources = log_sources(store, name, engine, replica)
-    print_logs(iter_logs(engine, sources, tail=tail, follow=follow), prefix=len(sources) > 1)
+    if follow:
+        if not _running(store, name):
+            log_sources(store, name, None, only)  # a stopped service without output: say so
+        print_logs(follow_service(store, name, only, tail), prefix=True)
+        return ExitCode.OK
+    engine = _engine_for(store, name)
+    sources = log_sources(store, name, engine, only)
+    lines = iter_logs(engine, sources, tail, only.since, secret_values(store, name))
+    print_logs(lines, prefix=len(sources) > 1)
     return ExitCode.OK
+
+
+def _running(store: Any, name: str) -> bool:
+    return bool((store.read(name, "spec") or {}).get("desired") == "running")
+
+
+def _engine_for(store: Any, name: str) -> Any:
+    """Docker for a running service (its containers' logs are Docker's); a stopped one's kept
+    logs are read without it."""
+    from dstackctl.docker import DockerEngine
+
+    try:
+        return DockerEngine.connect()
+    except DstackctlError:
+        if _running(store, name):
+            raise
+        return None
+
+
+def _since(text: str) -> float:
+    import time
+    from datetime import datetime
+
+    from dstackctl.config.units import parse_duration
+
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        raise UsageError(
+            f"--since: expected a duration such as 10m or a time such as 2026-12-03T10:00:00Z, got {text!r}"
+        ) from None
 
 
 def recover(name: str = typer.Argument(..., help="Service name.", autocompletion=service_names)) -> int:
