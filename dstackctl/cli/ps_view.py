@@ -66,8 +66,20 @@ def show_runs(
             )
         if run_view.engine_problem:
             _err(f"warning: {run_view.name}: {run_view.engine_problem}")
-    sys.stdout.write((runs_json(views) if as_json else runs_table(views, verbose, wide)) + "\n")
+    text = runs_json(views) if as_json else _fit(runs_table(views, verbose, wide), wide)
+    sys.stdout.write(text + "\n")
     return ExitCode.FAILED if unreadable else ExitCode.OK
+
+
+def _fit(table: str, wide: bool) -> str:
+    """On a terminal, each line is cut to its width (the MESSAGE column goes first); --wide
+    and output that is not a terminal keep everything."""
+    if wide or not sys.stdout.isatty():
+        return table
+    import shutil
+
+    width = shutil.get_terminal_size((80, 24)).columns
+    return "\n".join(line if len(line) <= width else line[: width - 1] + "…" for line in table.split("\n"))
 
 
 def fast_ps(args: list[str]) -> int | None:

@@ -227,3 +227,13 @@ def test_dry_run_prints_the_plan_and_names_a_missing_variable_and_missing_gpus_w
     assert f"error: {path}:8: resources.gpu: needs 2 x A100 for 1 replica; found no NVIDIA GPU" in err
     monkeypatch.setenv("NEEDED_TOKEN_X", "set")
     assert run(["run", "--dry-run", str(path)]) == ExitCode.FAILED  # only the GPUs are missing
+
+
+def test_ps_fits_the_terminal_unless_wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=(80, 24): os.terminal_size((80, 24)))
+    table = "short\n" + "x" * 120
+    assert ps_view._fit(table, wide=False).split("\n") == ["short", "x" * 79 + "…"]
+    assert ps_view._fit(table, wide=True) == table
