@@ -293,12 +293,17 @@ def ensure_agent(store: Store, name: str) -> bool:
     return True
 
 
-def current_release(store: Store, name: str) -> Release:
-    """The configuration that serves now, for `redeploy` without `-f` (restart every replica)."""
+def current_release(store: Store, name: str, overrides: Mapping[str, str] | None = None) -> Release:
+    """The configuration that serves now, for `redeploy` without `-f` (restart every replica);
+    with `overrides` (`redeploy -e`), its env values changed."""
     spec = SpecDocument.from_json(store.read(name, SPEC) or {})
     now = serving(store, name, spec)
     record = now.record
-    return Release(record.config, record.config_hash, record.group_counts, now.env, list(record.probe_urls))
+    env, digest = now.env, record.config_hash
+    if overrides:
+        env = {**now.env, **overrides}
+        digest = config_hash({"config": record.config_hash}, env) if env != now.env else digest
+    return Release(record.config, digest, record.group_counts, env, list(record.probe_urls))
 
 
 def start_rollout(store: Store, name: str, release: Release, timeout: int) -> int:

@@ -68,6 +68,8 @@ def _one_line(value: str) -> str:
 
 
 NO_RESPONSE = "closed the connection without a response"
+# What Docker's userland proxy does when nothing listens behind a published port (it varies).
+_PROXY_ANSWERS = (NO_RESPONSE, "connection reset")
 
 
 def execute_probe(host: str, port: int, probe: ProbeConfig) -> ProbeResult:
@@ -288,7 +290,7 @@ class ProbeRunner:
             return
         probe = target.probes[index]
         result = self._execute(target.host, target.port, probe)
-        if result.error == NO_RESPONSE and target.inside and not self._connect(*target.inside):
+        if result.error in _PROXY_ANSWERS and target.inside and not self._connect(*target.inside):
             # Docker's proxy took the connection, but nothing listens behind it.
             result = ProbeResult(
                 False, None, f"nothing answers on port {target.inside[1]} inside the container; check `port:`"

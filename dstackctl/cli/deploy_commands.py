@@ -281,7 +281,9 @@ def redeploy(
     """Replace a service's replicas one by one; each new one takes traffic only once ready.
 
     With -f the new config is rolled out (a change of `replicas` alone scales in place);
-    without it every replica is restarted with the same config. When a new replica exits or
+    without it every replica is restarted with the same config, and -e changes the values
+    it runs with. An -e value lasts until the next deployment from a file (`run`, `apply`,
+    `redeploy -f`), which takes the file's values and that command's -e. When a new replica exits or
     is not ready within --timeout, the rollout is rolled back and the command exits 1.
     """
     from dstackctl.deploy import current_release, start_rollout
@@ -298,9 +300,9 @@ def redeploy(
     if not spec.running:
         raise DstackctlError(f"{name} is stopped; start it with `dstackctl run -f FILE`")
     if config is None:
-        if env:
-            raise UsageError("-e needs -f: give the config file the new values belong to")
-        release = current_release(store, name)
+        from dstackctl.deploy import parse_env_overrides
+
+        release = current_release(store, name, parse_env_overrides(env, os.environ))
         number = start_rollout(store, name, release, seconds)
     else:
         release, started = _roll_out_file(store, name, data, config, env, seconds)

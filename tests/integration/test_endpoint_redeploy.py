@@ -284,7 +284,7 @@ def test_a_redeploy_while_another_is_in_progress_is_refused(
     assert ps_run(capsys, "busy")["rollout"]["state"] == "in_progress"
 
     again = cli(capsys, "redeploy", "busy")
-    changed = cli(capsys, "run", "-d", v2)
+    changed = cli(capsys, "run", "-d", "-y", v2)
 
     busy = "error: busy is already being redeployed (deployment 1, in progress)"
     assert again.code == 1

@@ -55,3 +55,20 @@ def test_nothing_listening_on_the_port_says_so_and_names_the_port(
 
     message = wait_until(error, timeout=30, what="the probe's first error")
     assert message == "nothing answers on port 9000 inside the container; check `port:`"
+
+
+def test_redeploy_e_without_a_file_changes_a_value_of_the_running_config(
+    dstack_home: Path, tmp_path: Path, test_image: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import requests
+
+    path = write_service(tmp_path, "tagged", test_image, [HTTPD], env=["DEPLOYMENT_TAG=v1"])
+    assert cli(capsys, "run", "-d", "--timeout", "60s", path).code == 0
+    url = ps_run(capsys, "tagged")["url"]
+    assert requests.get(f"{url}/cgi-bin/whoami", timeout=5).text == "tagged 0 v1\n"
+
+    result = cli(capsys, "redeploy", "tagged", "-e", "DEPLOYMENT_TAG=v2", "--timeout", "60s")
+
+    assert result.code == 0, result.err
+    assert "tagged now runs deployment 1 (1 replica)" in result.out
+    assert requests.get(f"{url}/cgi-bin/whoami", timeout=5).text == "tagged 0 v2\n"
