@@ -25,8 +25,14 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 HTTPD = "httpd -f -p 8000 -h /www"
 WAIT = 30.0  # generous upper bound for anything the agent does on a 2-core machine
 # What a probe reports when nothing listens in the container yet. Docker's userland proxy
-# may accept the connection on the published port and then close or reset it.
-CONNECTION_ERRORS = {"connection refused", "connection reset", "closed the connection without a response"}
+# may accept the connection on the published port and then close or reset it; the runner
+# then checks the container's own address and says so.
+CONNECTION_ERRORS = {
+    "connection refused",
+    "connection reset",
+    "closed the connection without a response",
+    "nothing answers on port 8000 inside the container; check `port:`",
+}
 
 
 def replica(capsys: pytest.CaptureFixture[str], name: str, num: int = 0) -> dict[str, Any]:
