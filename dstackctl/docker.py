@@ -16,6 +16,7 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest
 
+from dstackctl.docker_address import DEFAULT_SOCKET, engine_address
 from dstackctl.errors import DstackctlError
 from dstackctl.labels import (
     LABEL_GPUS,
@@ -33,30 +34,6 @@ NO_GPU_RUNTIME = (
 
 class DockerError(DstackctlError):
     """The engine refused or failed an operation."""
-
-
-DEFAULT_SOCKET = "unix:///var/run/docker.sock"
-
-
-def engine_address() -> str | None:
-    """The context's engine address; None where docker-py's own DOCKER_HOST/socket rule holds."""
-    host, context = os.environ.get("DOCKER_HOST"), os.environ.get("DOCKER_CONTEXT")
-    if host and context:
-        raise DockerError(
-            "DOCKER_HOST and DOCKER_CONTEXT are both set; unset one (the docker CLI refuses both too)"
-        )
-    if host:
-        return None
-    from docker.context import ContextAPI
-    from docker.context.config import get_current_context_name
-
-    name = context or get_current_context_name()
-    if not name or name == "default":
-        return None
-    found = ContextAPI.get_context(name)
-    if found is None:
-        raise DockerError(f"the Docker context {name!r} does not exist; `docker context ls` lists them")
-    return str(found.Host) if found.Host else None
 
 
 def _engine_error(exc: Exception, tried: str | None = None) -> DockerError:

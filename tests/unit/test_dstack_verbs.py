@@ -164,14 +164,15 @@ def test_docker_is_found_as_the_docker_cli_finds_it(tmp_path: Path, monkeypatch:
     import hashlib
     import json as json_module
 
-    from dstackctl.docker import DockerEngine, DockerError, engine_address
+    from dstackctl.docker import DockerEngine, DockerError
+    from dstackctl.docker_address import DockerAddressError, engine_address
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.docker: the default context
     monkeypatch.delenv("DOCKER_HOST", raising=False)
     monkeypatch.delenv("DOCKER_CONTEXT", raising=False)
     assert engine_address() is None
     monkeypatch.setenv("DOCKER_CONTEXT", "nosuch")
-    with pytest.raises(DockerError, match="the Docker context 'nosuch' does not exist"):
+    with pytest.raises(DockerAddressError, match="the Docker context 'nosuch' does not exist"):
         engine_address()
     # A context as `docker context create remote --docker host=unix:///tmp/x.sock` writes it.
     (tmp_path / ".docker").mkdir()
@@ -185,7 +186,7 @@ def test_docker_is_found_as_the_docker_cli_finds_it(tmp_path: Path, monkeypatch:
     with pytest.raises(DockerError, match=r"cannot reach unix:///tmp/x\.sock"):
         DockerEngine.connect(timeout=2)
     monkeypatch.setenv("DOCKER_HOST", "unix:///tmp/y.sock")
-    with pytest.raises(DockerError, match="both set"):
+    with pytest.raises(DockerAddressError, match="both set"):
         engine_address()
 
 
