@@ -6,7 +6,6 @@ these labels alone, so nothing here may import docker-py.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 LABEL_RUN = "dstackctl.run"
@@ -26,9 +25,16 @@ DEFAULT_GROUP = "0"
 
 def home_label(home: Path) -> str:
     """Containers of different stores (e.g. test runs) must never be adopted by each other."""
+    import hashlib  # here: `ps` reads labels.py's names and never needs a hash
+
     return hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:12]
 
 
 def service_labels(run_name: str, home: Path) -> dict[str, str]:
     """The labels every container of one service carries (a filter for listing them)."""
     return {LABEL_RUN: run_name, LABEL_HOME: home_label(home)}
+
+
+def replica_name(group: str, replica_num: int) -> str:
+    """`replica=1`, or `group=workers replica=1` in a service with replica groups."""
+    return f"replica={replica_num}" if group == DEFAULT_GROUP else f"group={group} replica={replica_num}"

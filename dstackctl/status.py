@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from dstackctl.labels import replica_name
+
 # Rollout states still under way (the others: done, rolled_back, rollback_failed).
 ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
 
@@ -87,9 +89,14 @@ class ReplicaRow:
     def describe_probes(self, label: str = "") -> str:
         return ", ".join(probe.describe(label) for probe in self.probes)
 
+    @property
+    def name(self) -> str:
+        """`replica=0`, or `group=workers replica=0` in a service with groups."""
+        return replica_name(self.group, self.replica_num)
+
     def describe(self) -> str:
         """`replica=0 running: /health 0/1 (HTTP 503)`, `replica=1 failed: exited with code 3`."""
-        text = f"replica={self.replica_num} {self.status}"
+        text = f"{self.name} {self.status}"
         if self.message:
             return f"{text}: {self.message}"
         probes = self.describe_probes() if self.status == "running" else ""

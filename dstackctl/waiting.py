@@ -167,7 +167,7 @@ def _failure_message(name: str, failed: list[ReplicaRow]) -> str:
         by_reason.setdefault(row.message or "unknown reason", []).append(row)
     parts = []
     for reason, rows in by_reason.items():
-        who = ", ".join(f"replica={r.replica_num}" for r in rows)
+        who = ", ".join(r.name for r in rows)
         text = f"{who} failed: {reason}"
         tail = next((r.log_tail for r in rows if r.log_tail), None)
         if tail:

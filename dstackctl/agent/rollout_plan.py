@@ -15,16 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dstackctl.labels import DEFAULT_GROUP
+from dstackctl.labels import replica_name
 
 Slot = tuple[str, int]
 """A replica's place: (group, replica number)."""
 
 
 def slot_name(slot: Slot) -> str:
-    """`replica=1`, or `group=workers replica=1` in a service with replica groups."""
-    group, num = slot
-    return f"replica={num}" if group == DEFAULT_GROUP else f"group={group} replica={num}"
+    return replica_name(*slot)
 
 
 @dataclass(frozen=True)

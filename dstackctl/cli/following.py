@@ -99,18 +99,18 @@ class Progress:
     """Prints a line whenever a replica's status or message changes (to stderr)."""
 
     def __init__(self) -> None:
-        self._last: dict[tuple[int, int], str] = {}
+        self._last: dict[tuple[str, int, int], str] = {}
         gc_policy.resume_for_a_long_run()  # it shows a wait of seconds to minutes
 
     def show(self, view: RunView) -> None:
         several = len({r.deployment_num for r in view.replicas}) > 1
         for replica in view.replicas:
-            key = (replica.replica_num, replica.deployment_num)
+            key = (replica.group, replica.replica_num, replica.deployment_num)
             text = replica.describe()
             if replica.ready:
-                text = f"replica={key[0]} ready on {replica.url}"
+                text = f"{replica.name} ready on {replica.url}"
             if several:
-                text = text.replace(f"replica={key[0]} ", f"replica={key[0]} deployment={key[1]} ", 1)
+                text = text.replace(f"{replica.name} ", f"{replica.name} deployment={key[2]} ", 1)
             if self._last.get(key) == text:
                 continue
             self._last[key] = text
