@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dstackctl.spec_document import SpecDocument
+from dstackctl.spec_document import SpecDocument, stored_groups
 from dstackctl.status import ObservedState, ReplicaRow, RolloutStatus
 from dstackctl.store import SPEC, STATE, Store, StoreError
 
@@ -44,15 +44,18 @@ class RunView:
         return self.spec.current.replicas if target is None else target
 
     @property
+    def degraded(self) -> bool:
+        """A replica failed or left rotation, and fewer than desired are ready."""
+        hurt = any(row.phase in ("failed", "unready") for row in self.replicas)
+        return hurt and self.ready_replicas < self.desired_replicas
+
+    @property
     def group_order(self) -> list[str]:
         """Group names in the order the config gives them (dstack numbers groups by it)."""
-        config = self.spec.current.config
-        groups = config.get("groups")
-        if groups is None and isinstance(config.get("replicas"), list):
-            groups = config["replicas"]
-        if not isinstance(groups, list):
+        groups = stored_groups(self.spec.current.config)
+        if groups is None:
             return ["0"]
-        return [str(g.get("name", i)) if isinstance(g, dict) else str(i) for i, g in enumerate(groups)]
+        return [str(g.get("name", i)) for i, g in enumerate(groups)]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,9 +127,7 @@ def view(store: Store, name: str, listing: bool = False) -> RunView | None:
     deployment = (
         observed.deployment_num if seen and observed.deployment_num is not None else spec.current.number
     )
-    if status == "running" and _degraded(replicas, observed.target_replicas or spec.current.replicas):
-        status = "degraded"
-    return RunView(
+    found = RunView(
         name=name,
         status=status,
         deployment_num=deployment,
@@ -142,12 +143,9 @@ def view(store: Store, name: str, listing: bool = False) -> RunView | None:
         rollout=_rollout(spec, observed),
         warnings=warnings,
     )
-
-
-def _degraded(replicas: list[ReplicaRow], desired: int) -> bool:
-    """A replica failed or left rotation, and fewer than desired are ready."""
-    hurt = any(row.phase in ("failed", "unready") for row in replicas)
-    return hurt and sum(1 for row in replicas if row.ready) < desired
+    if status == "running" and found.degraded:
+        found.status = "degraded"
+    return found
 
 
 def _rollout(spec: SpecDocument, observed: ObservedState) -> RolloutStatus | None:

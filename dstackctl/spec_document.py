@@ -31,6 +31,14 @@ SPEC_RECORD_KEYS = (
 )
 
 
+def stored_groups(config: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The replica groups of a stored config (`groups:`, or `replicas:` given as a list)."""
+    groups = config.get("groups")
+    if groups is None and isinstance(config.get("replicas"), list):
+        groups = config["replicas"]
+    return [g for g in groups if isinstance(g, dict)] if isinstance(groups, list) else None
+
+
 @dataclass(frozen=True)
 class DeploymentRecord:
     """One configuration of the service: config (env reduced to names), hash, replica counts.

@@ -102,9 +102,6 @@ class Deployment:
             state.key.group, state.key.deployment_num, container.config_hash, container.group_hash
         )
 
-    def group_of(self, group: str) -> GroupTarget | None:
-        return self.groups.get(group)
-
 
 @dataclass(frozen=True)
 class Desired:

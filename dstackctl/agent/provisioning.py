@@ -265,9 +265,7 @@ def _holds_gpus_of(container: Replica, slot: Slot, target: Deployment) -> bool:
     return (
         (container.group, container.replica_num) == slot
         and bool(container.gpu_uuids)
-        and not target.owns(
-            container.group, container.deployment_num, container.config_hash, container.group_hash
-        )
+        and not target.owns_replica(container)
     )
 
 
@@ -291,7 +289,7 @@ class _Addresses:
         self._names = list(target.groups)
         self._found: dict[Slot, str] = {}
         live = [c for c in containers if c.status == "running" and c.ip_address]
-        live.sort(key=lambda c: target.owns(c.group, c.deployment_num, c.config_hash, c.group_hash))
+        live.sort(key=target.owns_replica)
         for container in live:  # owned ones last: they win
             assert container.ip_address is not None
             self._found[(container.group, container.replica_num)] = container.ip_address

@@ -41,9 +41,6 @@ class Observed:
 class Target:
     slots: tuple[Slot, ...]
 
-    def owns(self, replica: Observed) -> bool:
-        return replica.owned
-
 
 @dataclass
 class Plan:
@@ -71,15 +68,15 @@ def plan(target: Target, observed: list[Observed], create_failed: set[Slot]) -> 
     result = Plan()
     wanted = set(target.slots)
     kept: dict[Slot, Observed] = {}
-    for replica in sorted((r for r in observed if target.owns(r)), key=_preference):
+    for replica in sorted((r for r in observed if r.owned), key=_preference):
         if replica.slot in wanted and replica.slot not in kept:
             kept[replica.slot] = replica
         elif replica.ready:
             result.drain.append(replica.key)  # scale down, or a duplicate that serves
         else:
             result.remove.append(replica.key)
-    old_serving = [r for r in observed if not target.owns(r) and r.ready]
-    result.remove += [r.key for r in observed if not target.owns(r) and not r.ready]
+    old_serving = [r for r in observed if not r.owned and r.ready]
+    result.remove += [r.key for r in observed if not r.owned and not r.ready]
     missing = [slot for slot in target.slots if slot not in kept and slot not in create_failed]
     result.failed = sorted([slot for slot, r in kept.items() if r.failed] + list(create_failed))
 

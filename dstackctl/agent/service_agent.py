@@ -255,7 +255,7 @@ class ServiceAgent:
         for replica in running.values():
             assert replica.host_port is not None
             deployment = self._deployment_of(replica) or target
-            group = deployment.group_of(replica.group) or target.group_of(replica.group)
+            group = deployment.groups.get(replica.group) or target.groups.get(replica.group)
             probes, urls = (group.probes, group.probe_urls) if group else ([], [])
             address = None
             if replica.ip_address:
