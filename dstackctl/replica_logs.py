@@ -72,11 +72,16 @@ def log_sources(store: Store, name: str, engine: DockerEngine | None, only: Filt
         per_slot[(group, num)] = per_slot.get((group, num), 0) + 1
     sources = []
     for group, num, deployment, container_id, kept in found:
-        label = f"group={group} replica={num}" if grouped else f"replica={num}"
+        label = _label(group, num, grouped)
         if per_slot[(group, num)] > 1:
             label += f" deployment={deployment}"
         sources.append(LogSource(label, group, num, deployment, container_id, kept))
     return sources
+
+
+def _label(group: str, replica_num: int, grouped: bool) -> str:
+    """In a service with groups every source names its group (an unnamed first group is `0`)."""
+    return f"group={group} replica={replica_num}" if grouped else f"replica={replica_num}"
 
 
 def _nothing(name: str, only: Filter, any_output: bool) -> str:
