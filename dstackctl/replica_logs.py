@@ -140,9 +140,7 @@ def follow_service(store: Store, name: str, only: Filter, tail: int | None) -> I
         logs = [log for log in kept_logs(folder) if only.wants(log.group, log.replica_num)]
         grouped = any(log.group != DEFAULT_GROUP for log in logs)
         for log in logs:
-            label = (
-                f"group={log.group} replica={log.replica_num}" if grouped else f"replica={log.replica_num}"
-            )
+            label = _label(log.group, log.replica_num, grouped)
             yield from ((label, line) for line in _new_lines(log, offsets, tail if first else None, cutoff))
         first = False
         if not running:
