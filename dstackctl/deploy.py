@@ -208,7 +208,7 @@ def submit(
         data = store.read(name, SPEC)
     spec = SpecDocument.from_json(data) if data is not None else None
     if spec is None or not spec.running:
-        return _start(store, loaded, name, release, port_override)
+        return _start(store, loaded, name, release, port_override, rollout_timeout)
     now = serving(store, name, spec)
     if now.record.config_hash != release.config_hash:
         number = start_rollout(store, name, release, rollout_timeout)
@@ -238,7 +238,12 @@ def scale(store: Store, name: str, group_counts: dict[str, int]) -> None:
 
 
 def _start(
-    store: Store, loaded: LoadedConfig, name: str, release: Release, port_override: int | None
+    store: Store,
+    loaded: LoadedConfig,
+    name: str,
+    release: Release,
+    port_override: int | None,
+    wake_timeout: int = DEFAULT_ROLLOUT_TIMEOUT,
 ) -> Submitted:
     port = endpoint_port(loaded, port_override)
     from dstackctl.netutil import port_is_free
@@ -266,6 +271,7 @@ def _start(
         config_dir=str(Path(loaded.file).absolute().parent),
         submitted_at=utc_now(),
         endpoint_port=port,
+        wake_timeout=wake_timeout,  # the --timeout of `run`: a request at zero replicas waits this
     )
     with store.lock(name):
         store.write(name, SECRETS, {"env": release.env, "registry_auth": registry_auth})

@@ -15,21 +15,27 @@ import asyncio
 import contextlib
 import errno
 import itertools
-import json
 import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from aiohttp import client_exceptions, http_exceptions, web, web_server
 from aiohttp.http import RawResponseMessage
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDictProxy
 
+from dstackctl.endpoint_answers import (
+    bad_gateway,
+    broken_answer,
+    is_small,
+    json_response,
+    not_woken,
+    unavailable,
+)
 from dstackctl.forwarding import CONTINUE, OutgoingRequest, drop_hop_by_hop
 from dstackctl.netutil import BACKLOG, EndpointError, listen
+from dstackctl.request_rate import RequestRate
 from dstackctl.upstream_pool import UpstreamConnection, UpstreamPool
 
 log = logging.getLogger("dstackctl.proxy")
@@ -37,9 +43,6 @@ log = logging.getLogger("dstackctl.proxy")
 # Right after an agent starts (a new or restarted one) the first probe results are still on
 # their way: until this long after its start, requests wait for a ready replica before a 503.
 STARTUP_GRACE_SECONDS = 5.0
-# An answer with a Content-Length up to this is read whole before it is passed on, so that
-# head and body reach the client in one write; longer ones, and streams, are relayed as they come.
-SMALL_BODY_BYTES = 64 * 1024
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 # What reading an answer raises when the replica's connection broke or the answer was garbled.
 _UPSTREAM_ERRORS = (client_exceptions.ClientError, http_exceptions.HttpProcessingError, OSError)
@@ -113,6 +116,7 @@ class Endpoint:
         host: str = "127.0.0.1",
         listener: socket.socket | None = None,
         grace_from: float | None = None,
+        rate: RequestRate | None = None,
     ) -> None:
         self.service = service
         self.host = host
@@ -132,6 +136,9 @@ class Endpoint:
         self._pool: UpstreamPool | None = None
         self._grace_until = 0.0
         self._changed: asyncio.Event | None = None
+        self.rate = rate or RequestRate()
+        self._hold = 0.0
+        self._wake: Callable[[], None] | None = None
 
     @property
     def url(self) -> str:
@@ -156,6 +163,11 @@ class Endpoint:
             future.result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+    def hold_when_idle(self, seconds: float, wake: Callable[[], None] | None) -> None:
+        """With no ready replica, a request calls `wake` and waits up to `seconds` for one
+        (a service that scales to zero); 0: the 503 comes after the startup grace."""
+        self._hold, self._wake = seconds, wake
 
     def set_upstreams(self, upstreams: Mapping[str, int]) -> None:
         """Replace the rotation: replica key -> host port of every ready replica."""
@@ -233,9 +245,11 @@ class Endpoint:
             return False
         return True
 
-    async def _wait_for_first_upstream(self) -> bool:
-        """During the startup grace, wait for a ready replica; True when one arrived."""
-        remaining = self._grace_until - self._loop.time()
+    async def _wait_for_upstream(self, deadline: float) -> bool:
+        """Wait until the rotation has a replica or the loop's clock reaches `deadline`."""
+        if self._hold > 0 and self._wake is not None:
+            self._wake()  # the agent decides at once (this request is counted already)
+        remaining = deadline - self._loop.time()
         if remaining <= 0 or self._changed is None:
             return False
         try:
@@ -243,6 +257,11 @@ class Endpoint:
         except asyncio.TimeoutError:
             return False
         return True
+
+    def _wait_deadline(self) -> float:
+        """Until when a request with no ready replica waits: the startup grace (a new agent's
+        probes are on their way), or the hold of a service that scales to zero."""
+        return max(self._grace_until, self._loop.time() + self._hold)
 
     def _pick(self, tried: set[str]) -> tuple[str, int] | None:
         candidates = [u for u in self._upstreams if u[0] not in tried] if tried else self._upstreams
@@ -259,16 +278,22 @@ class Endpoint:
                 event.set()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.rate.count()
         outgoing = OutgoingRequest(request)
         if outgoing.expects_continue and request.transport is not None:
             request.transport.write(CONTINUE)  # the body is read (and streamed on) here
         tried: set[str] = set()
+        deadline: float | None = None
         while True:
             upstream = self._pick(tried)
-            if upstream is None and not tried and await self._wait_for_first_upstream():
-                continue
+            if upstream is None and not tried:
+                deadline = deadline or self._wait_deadline()
+                if await self._wait_for_upstream(deadline):
+                    continue
             if upstream is None:
-                return _unavailable(self.service, retried=bool(tried))
+                if not tried and self._hold > 0:
+                    return not_woken(self.service, self._hold)
+                return unavailable(self.service, retried=bool(tried))
             key, port = upstream
             self._inflight[key] = self._inflight.get(key, 0) + 1
             try:
@@ -277,17 +302,17 @@ class Endpoint:
             except _Unreachable as exc:
                 if exc.out_of_fds:
                     log.error("endpoint %s is out of file descriptors", self.service)
-                    return _json_response(503, {"error": "the endpoint is out of file descriptors"})
+                    return json_response(503, {"error": "the endpoint is out of file descriptors"})
                 tried.add(key)  # nothing was sent: safe to try another replica
             except _ClosedUnanswered:
                 # The replica went away before answering (a crash, a reset). Without a body
                 # nothing is lost by asking another replica; one that had a body may have
                 # acted on it already, so it is not sent to a second replica.
                 if outgoing.has_body:
-                    return _bad_gateway("the replica closed the connection")
+                    return bad_gateway("the replica closed the connection")
                 tried.add(key)
             except _BadGateway as exc:
-                return _bad_gateway(str(exc))
+                return bad_gateway(str(exc))
             finally:
                 self._release(key)
 
@@ -321,7 +346,7 @@ class Endpoint:
             connection.close()
             await _stopped(upload)
             if connection.responded:
-                raise _BadGateway(_broken_answer(exc)) from exc
+                raise _BadGateway(broken_answer(exc)) from exc
             raise _ClosedUnanswered from exc
         except BaseException:  # cancelled: the server is shutting down
             connection.close()
@@ -334,12 +359,12 @@ class Endpoint:
         """Pass the replica's answer on to the client, streaming its body as it arrives."""
         assert self._pool is not None
         message, payload = exchange.message, exchange.payload
-        if _is_small(message.headers, payload):
+        if is_small(message.headers, payload):
             # Head and body go out in one write; a stream, or a large body, goes on as it comes.
             try:
                 body = payload.read_nowait() if payload.is_eof() else await payload.read()
             except _UPSTREAM_ERRORS as exc:
-                return _bad_gateway(_broken_answer(exc))
+                return bad_gateway(broken_answer(exc))
             finally:
                 exchange.end(self._pool)
             whole = web.Response(
@@ -361,33 +386,3 @@ class Endpoint:
         finally:
             exchange.end(self._pool)
         return response
-
-
-def _is_small(headers: CIMultiDictProxy[str], payload: StreamReader) -> bool:
-    """True when the whole body is here already, or has a length of at most SMALL_BODY_BYTES."""
-    if payload.is_eof():
-        return True
-    length = headers.get("Content-Length")
-    return length is not None and length.isdigit() and int(length) <= SMALL_BODY_BYTES
-
-
-def _broken_answer(error: BaseException) -> str:
-    return f"the replica sent a broken answer ({type(error).__name__})"
-
-
-def _json_response(status: int, payload: dict[str, Any]) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(payload).encode(),
-        content_type="application/json",
-        headers={"Retry-After": "1"} if status == 503 else None,
-    )
-
-
-def _unavailable(service: str, retried: bool) -> web.Response:
-    reason = "no replica could be reached" if retried else "no replica is ready"
-    return _json_response(503, {"error": reason, "service": service})
-
-
-def _bad_gateway(reason: str) -> web.Response:
-    return _json_response(502, {"error": reason})

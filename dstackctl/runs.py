@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dstackctl.spec_document import SpecDocument, stored_groups
-from dstackctl.status import ObservedState, ReplicaRow, RolloutStatus
+from dstackctl.status import GroupScaling, ObservedState, ReplicaRow, RolloutStatus
 from dstackctl.store import SPEC, STATE, Store, StoreError
 
 
@@ -44,6 +44,27 @@ class RunView:
         return self.spec.current.replicas if target is None else target
 
     @property
+    def scaling(self) -> dict[str, GroupScaling]:
+        """The autoscaled groups, as the agent decided them (empty: no group scales)."""
+        return self.observed.scaling if self.observed.run_id == self.spec.run_id else {}
+
+    @property
+    def replica_range(self) -> str | None:
+        """`1..4`: the replicas an autoscaled service may have (fixed groups count as they are)."""
+        scaling = self.scaling
+        if not scaling:
+            return None
+        counts = self.spec.current.group_counts
+        low = sum(s.min for s in scaling.values()) + sum(n for g, n in counts.items() if g not in scaling)
+        high = sum(s.max for s in scaling.values()) + sum(n for g, n in counts.items() if g not in scaling)
+        return f"{low}..{high}"
+
+    @property
+    def rps(self) -> float | None:
+        """Requests per second through the endpoint, over the first autoscaled group's window."""
+        return next((s.rps for s in self.scaling.values()), None)
+
+    @property
     def degraded(self) -> bool:
         """A replica failed or left rotation, and fewer than desired are ready."""
         hurt = any(row.phase in ("failed", "unready") for row in self.replicas)
@@ -69,6 +90,7 @@ class RunView:
             "ready_replicas": self.ready_replicas,
             "desired_replicas": self.desired_replicas,
             "replicas": [_replica_json(row) for row in self.replicas],
+            "scaling": {group: scaling.to_json() for group, scaling in self.scaling.items()},
         }
 
 

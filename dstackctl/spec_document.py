@@ -106,6 +106,8 @@ class SpecDocument:
     endpoint_port: int | None = None
     previous: DeploymentRecord | None = None  # what a rollout replaces, to roll back to
     rollout: RolloutRequest | None = None
+    # How long a request waits for a replica of a service scaled to zero before a 503.
+    wake_timeout: int = DEFAULT_ROLLOUT_TIMEOUT
 
     @property
     def running(self) -> bool:
@@ -134,6 +136,7 @@ class SpecDocument:
             "endpoint_port": self.endpoint_port,
             "previous": self.previous.to_json() if self.previous else None,
             "rollout": asdict(self.rollout) if self.rollout else None,
+            "wake_timeout": self.wake_timeout,
         }
 
     @classmethod
@@ -150,4 +153,5 @@ class SpecDocument:
             endpoint_port=data.get("endpoint_port"),
             previous=DeploymentRecord.from_json(previous) if previous else None,
             rollout=RolloutRequest.from_json(data.get("rollout")),
+            wake_timeout=int(data.get("wake_timeout") or DEFAULT_ROLLOUT_TIMEOUT),
         )

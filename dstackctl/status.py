@@ -153,6 +153,31 @@ class RolloutStatus:
 
 
 @dataclass(frozen=True)
+class GroupScaling:
+    """A group's autoscaling as the agent keeps it: its range and rule, the count it decided,
+    the rate it measured and when it last scaled (the agent's own state: it survives a restart)."""
+
+    min: int
+    max: int
+    desired: int
+    target: float
+    window: int
+    rps: float = 0.0
+    last_scaled_at: str | None = None  # of the service, as dstack counts scaling events
+    pending: str | None = None  # a change the delays hold back, in words
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GroupScaling | None:
+        try:
+            return cls(**_known(cls, data))
+        except TypeError:
+            return None
+
+
+@dataclass(frozen=True)
 class ObservedState:
     """state.json: written by the service's agent alone."""
 
@@ -167,6 +192,7 @@ class ObservedState:
     url: str | None = None
     engine_problem: str | None = None
     endpoint_error: str | None = None
+    scaling: dict[str, GroupScaling] = field(default_factory=dict)  # autoscaled groups only
     agent: dict[str, Any] = field(default_factory=dict)
     updated_at: str | None = None
 
@@ -178,6 +204,7 @@ class ObservedState:
         data.update(
             replicas=[row.to_json() for row in self.replicas],
             rollout=self.rollout.to_json() if self.rollout else None,
+            scaling={group: scaling.to_json() for group, scaling in self.scaling.items()},
         )
         return data
 
@@ -189,9 +216,17 @@ class ObservedState:
         known.update(
             replicas=tuple(ReplicaRow.from_json(r) for r in data.get("replicas") or ()),
             rollout=RolloutStatus.from_json(data.get("rollout")),
+            scaling=_scaling_of(data.get("scaling")),
             agent=dict(data.get("agent") or {}),
         )
         return cls(**known)
+
+
+def _scaling_of(data: Any) -> dict[str, GroupScaling]:
+    if not isinstance(data, dict):
+        return {}
+    found = {str(k): GroupScaling.from_json(v) for k, v in data.items() if isinstance(v, dict)}
+    return {group: scaling for group, scaling in found.items() if scaling is not None}
 
 
 def run_status(rows: list[ReplicaRow]) -> str:

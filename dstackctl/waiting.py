@@ -102,9 +102,11 @@ def _readiness(name: str, current: RunView) -> Outcome | None:
 def _replicas_asked(current: RunView) -> int | None:
     """The replica count the spec asks of the deployment the agent serves."""
     spec, number = current.spec, current.observed.deployment_num
+    scaled = current.observed.scaling  # autoscaled groups: the count the agent decided
     for record in (spec.current, spec.previous):
         if record is not None and record.number == number:
-            return record.replicas
+            counts = record.group_counts
+            return sum(scaled[g].desired if g in scaled else n for g, n in counts.items())
     return None
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dstackctl.agent.phases import ReplicaBook, ReplicaState
 from dstackctl.netutil import EndpointError, listen
+from dstackctl.request_rate import RequestRate
 
 if TYPE_CHECKING:
     from dstackctl.proxy import Endpoint
@@ -30,6 +32,8 @@ class EndpointHost:
         self.endpoint: Endpoint | None = None
         self.url: str | None = None
         self.error: str | None = None
+        self.rate = RequestRate()  # counted by the endpoint, read by the autoscaler
+        self._hold: tuple[float, Callable[[], None] | None] = (0.0, None)
         book.subscribe(self._on_change)
 
     def bind(self, port: int | None) -> None:
@@ -57,6 +61,12 @@ class EndpointHost:
         )
         self._thread.start()
 
+    def hold_when_idle(self, seconds: float, wake: Callable[[], None] | None) -> None:
+        """See Endpoint.hold_when_idle; kept for an endpoint that is not serving yet."""
+        self._hold = (seconds, wake)
+        if self.endpoint is not None:
+            self.endpoint.hold_when_idle(seconds, wake)
+
     def route_to(self, group: str | None) -> None:
         """Send traffic to this group's replicas only (the router group); None: to every group."""
         if self._book.route_to(group) and self.endpoint is not None:
@@ -80,7 +90,8 @@ class EndpointHost:
         from dstackctl.proxy import Endpoint
 
         host, port = listener.getsockname()
-        endpoint = Endpoint(self._name, port, host, listener, grace_from=self._grace_from)
+        endpoint = Endpoint(self._name, port, host, listener, grace_from=self._grace_from, rate=self.rate)
+        endpoint.hold_when_idle(*self._hold)
         try:
             endpoint.start()
         except EndpointError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from dstackctl.agent.phases import Phase, ReplicaBook, ReplicaKey, ReplicaState
-from dstackctl.status import ObservedState, ReplicaRow, RolloutStatus, run_status
+from dstackctl.status import GroupScaling, ObservedState, ReplicaRow, RolloutStatus, run_status
 from dstackctl.store import STATE, Store
 from dstackctl.timeutil import utc_now
 from dstackctl.wording import count_of
@@ -39,6 +39,7 @@ class Facts:
     url: str | None = None
     engine_problem: str | None = None
     endpoint_error: str | None = None
+    scaling: dict[str, GroupScaling] = field(default_factory=dict)
     # replica -> (times replaced, why the last one was)
     restarts: dict[ReplicaKey, tuple[int, str]] = field(default_factory=dict)
 
@@ -87,6 +88,7 @@ class StatusPublisher:
                 url=facts.url,
                 engine_problem=facts.engine_problem,
                 endpoint_error=facts.endpoint_error,
+                scaling=facts.scaling,
             )
             document = observed.to_json()
             now = time.monotonic()

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from dstackctl.agent.autoscaler import Autoscaler
 from dstackctl.agent.desired import Deployment, Desired, DesiredReader
 from dstackctl.agent.endpoint_host import EndpointHost
 from dstackctl.agent.log_keeper import LogKeeper
@@ -85,6 +86,8 @@ class ServiceAgent:
         self._seen_running: dict[str, float] = {}
         self._stopped_by_outage: set[str] = set()
         self._first_failure: dict[ReplicaKey, float] = {}
+        self._wake = threading.Event()  # a request waits for a replica: reconcile now
+        self.autoscaler: Autoscaler | None = None
 
     # --- process ------------------------------------------------------------------------
 
@@ -117,11 +120,13 @@ class ServiceAgent:
 
     def _published_rollout(self) -> Any:
         """The rollout as the previous agent left it, so a restart carries on (or stays rolled back)."""
+        return ObservedState.from_json(self._read_state()).rollout
+
+    def _read_state(self) -> dict[str, Any]:
         try:
-            document = self.store.read(self.name, STATE) or {}
+            return self.store.read(self.name, STATE) or {}
         except StoreError:
-            return None
-        return ObservedState.from_json(document).rollout
+            return {}
 
     def _reconcile_until_stopped(self) -> int:
         while not self.stop.is_set():
@@ -141,7 +146,8 @@ class ServiceAgent:
                 # A bug must not take the endpoint down with it: log it and try again.
                 log.exception("unexpected error in the reconcile loop; retrying")
             self.endpoint.start_soon()  # after the first round (and its containers), or an outage
-            self.stop.wait(POLL_SECONDS)
+            self._wake.wait(POLL_SECONDS)
+            self._wake.clear()
         log.info("agent for %s stopped", self.name)
         return 0
 
@@ -172,7 +178,7 @@ class ServiceAgent:
     def _reconcile(self, desired: Desired) -> None:
         self.endpoint.bind(desired.spec.endpoint_port)
         engine = self._connect()
-        target = self.rollouts.target(desired)
+        target = self._scaled(desired, self.rollouts.target(desired))
         router = target.config.router_group
         self.endpoint.route_to(router.name if router else None)
         self.book.want(ReplicaKey(group, num, target.number) for group, num in target.slots)
@@ -198,6 +204,19 @@ class ServiceAgent:
         self.facts.rollout = self.rollouts.status
         self.router_workers.follow(target, self._containers, self.book)
         self.publisher.publish()
+
+    def _scaled(self, desired: Desired, target: Deployment) -> Deployment:
+        """The target with the counts the autoscaler decides for its autoscaled groups."""
+        if self.autoscaler is None:
+            state = ObservedState.from_json(self._read_state())
+            restored = state.scaling if state.run_id == desired.spec.run_id else {}
+            self.autoscaler = Autoscaler(self.endpoint.rate, restored)
+        rolling = self.rollouts.status is not None and self.rollouts.status.active
+        scaled = self.autoscaler.apply(target, holding=rolling)
+        self.facts.scaling = self.autoscaler.groups
+        hold = desired.spec.wake_timeout if self.autoscaler.can_idle else 0
+        self.endpoint.hold_when_idle(hold, self._wake.set)
+        return scaled
 
     def _note_facts(self, desired: Desired, target: Deployment) -> None:
         facts = self.facts

@@ -69,6 +69,9 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
     tabulate_module.PRESERVE_WHITESPACE = True
 
     headers = ["NAME", "BACKEND", "STATUS", "READY", "PROBES", "SUBMITTED", "URL"]
+    with_rps = any(run.scaling for run in views)
+    if with_rps:
+        headers.insert(4, "RPS")
     with_gpus = verbose and any(r.gpus for run in views for r in run.replicas)
     if with_gpus:
         headers.append("GPU")
@@ -82,11 +85,13 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
             f"{run.name} deployment={run.deployment_num}" if verbose else run.name,
             "",
             run.status if run.agent_alive or not run.active else f"{run.status} (agent down)",
-            f"{run.ready_replicas}/{run.desired_replicas}" if run.active else "",
+            _ready(run),
             "",
             ago(run.submitted_at),
             run.url or "",
         ]
+        if with_rps:
+            row.insert(4, _rate(run.rps) if run.active else "")
         if with_gpus:
             row.append("")
         if verbose:
@@ -98,11 +103,53 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
         rows.append(row)
         if not verbose:
             continue
+        order = {name: index for index, name in enumerate(run.group_order)}
+        shown: set[str] = set()
         for name, replica in _named_replicas(run):
-            rows.append([name, *_replica_line(replica, run, with_gpus, wide)])
+            rows += _group_rows(run, order, shown, replica.group, headers)
+            line = [name, *_replica_line(replica, run, with_gpus, wide)]
+            if with_rps:
+                line.insert(4, "")
+            rows.append(line)
+        for group in run.scaling:  # autoscaled groups without replicas (scaled to zero)
+            rows += _group_rows(run, order, shown, group, headers)
     if not rows:
         return "No services. Start one with `dstackctl run -f FILE`."
     return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)
+
+
+def _ready(run: RunView) -> str:
+    """`1/2`, ready of desired; `1/2 (0..4)` with the range of an autoscaled service."""
+    if not run.active:
+        return ""
+    text = f"{run.ready_replicas}/{run.desired_replicas}"
+    return f"{text} ({run.replica_range})" if run.replica_range else text
+
+
+def _rate(rps: float | None) -> str:
+    return "" if rps is None else f"{rps:.2f}".rstrip("0").rstrip(".")
+
+
+def _group_rows(
+    run: RunView, order: dict[str, int], shown: set[str], group: str, headers: list[str]
+) -> list[list[str]]:
+    """`ps -v`: an autoscaled group's own row (range, rate, rule, pending change) before its
+    first replica, once."""
+    scaling = run.scaling.get(group)
+    if scaling is None or group in shown or not run.active:
+        return []
+    shown.add(group)
+    ready = sum(1 for r in run.replicas if r.group == group and r.ready)
+    rule = f"target {_rate(scaling.target)} rps over {scaling.window}s"
+    if scaling.last_scaled_at:
+        rule += f"; last scaled {ago(scaling.last_scaled_at)}"
+    if scaling.pending:
+        rule += f"; {scaling.pending}"
+    row = [f"   group={order.get(group, len(order))}", "", "autoscaled"]
+    row += [f"{ready}/{scaling.desired} ({scaling.min}..{scaling.max})", _rate(scaling.rps)]
+    row += [""] * (len(headers) - len(row))
+    row[headers.index("MESSAGE")] = rule
+    return [row]
 
 
 def _named_replicas(run: RunView) -> list[tuple[str, ReplicaRow]]:

@@ -178,14 +178,6 @@ def scaling_problems(
         ]
     if size.min == size.max and scaling is not None:
         return [((*where, "scaling"), f"`scaling` needs `{key}` to be a range, such as 1..4")]
-    if scaling is not None:
-        return [
-            (
-                (*where, key),
-                f"a replica range ({size}) needs autoscaling, which dstackctl does not have yet; "
-                f"set a fixed number such as `{key}: {size.max}`",
-            )
-        ]
     return []
 
 

@@ -163,8 +163,13 @@ class ServiceConfiguration(Strict):
 
     @property
     def group_counts(self) -> dict[str, int]:
-        """Replicas to run per group (a fixed count; ranges are refused until autoscaling)."""
-        return {str(group.name): group.size.max or 0 for group in self.replica_groups}
+        """Replicas to start per group: the count, or a range's minimum (the autoscaler
+        takes it from there, as dstack starts a range at its minimum)."""
+        return {str(group.name): group.size.min or 0 for group in self.replica_groups}
+
+    @property
+    def autoscaled(self) -> bool:
+        return any(group.scaling is not None for group in self.replica_groups)
 
     @property
     def total_replicas(self) -> int:

@@ -152,6 +152,8 @@ def _to_int(text: object, what: str) -> int:
         return text
     if isinstance(text, str) and text.strip().isdigit():
         return int(text.strip())
+    if isinstance(text, str) and text.strip().startswith("-") and text.strip()[1:].isdigit():
+        return int(text.strip())  # refused by _checked with its own sentence
     raise ValueError(f"expected {what} such as 2 or 1..4, got {text!r}")
 
 
