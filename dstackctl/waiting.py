@@ -95,7 +95,10 @@ def _readiness(name: str, current: RunView) -> Outcome | None:
     ready = [r for r in rows if r.running_and_ready]
     endpoint_up = current.url is not None or current.spec.endpoint_port is None
     if len(current.replicas) == wanted and len(ready) == wanted and endpoint_up:
-        return Outcome(ExitCode.OK, f"{name} is ready ({wanted} of {count_of(wanted, 'replica')})", current)
+        scales = f"; autoscaled within {current.replica_range}" if current.replica_range else ""
+        return Outcome(
+            ExitCode.OK, f"{name} is ready ({wanted} of {count_of(wanted, 'replica')}{scales})", current
+        )
     return None
 
 

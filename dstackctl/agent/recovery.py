@@ -9,7 +9,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -92,3 +93,25 @@ def plan_repairs(
             if retry.duration is None or seconds <= retry.duration:
                 actions.append(Action(Repair.REPLACE, container.id, replica, failure_reason(replica)))
     return actions
+
+
+# A replica seen running this shortly before Docker went away is started again when it is back.
+OUTAGE_LOOKBACK_SECONDS = 30.0
+
+
+class OutageMemory:
+    """Which containers were running shortly before Docker went away: Docker may have stopped
+    them on its way down before the agent noticed that it was going."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self.stopped: set[str] = set()
+
+    def saw(self, running: Iterable[str]) -> None:
+        now = time.monotonic()
+        recent = {key: seen for key, seen in self._seen.items() if now - seen < OUTAGE_LOOKBACK_SECONDS}
+        self._seen = {**recent, **dict.fromkeys(running, now)}
+
+    def began(self) -> None:
+        recent = time.monotonic() - OUTAGE_LOOKBACK_SECONDS
+        self.stopped = {key for key, seen in self._seen.items() if seen >= recent}

@@ -33,7 +33,7 @@ from dstackctl.agent.phases import (
 )
 from dstackctl.agent.provisioning import Provisioner
 from dstackctl.agent.publishing import Facts, StatusPublisher
-from dstackctl.agent.recovery import Action, Repair, RetryPolicy, hung, plan_repairs
+from dstackctl.agent.recovery import Action, OutageMemory, Repair, RetryPolicy, hung, plan_repairs
 from dstackctl.agent.rollout_plan import Observed, Slot, Target, plan, slot_name
 from dstackctl.agent.rollouts import RolloutMonitor
 from dstackctl.agent.router_workers import RouterWorkers
@@ -48,8 +48,6 @@ from dstackctl.status import ObservedState
 from dstackctl.store import STATE, Store, StoreError
 
 POLL_SECONDS = 0.5
-# A replica seen running this shortly before Docker went away is started again when it is back.
-OUTAGE_LOOKBACK_SECONDS = 30.0
 
 log = logging.getLogger("dstackctl.agent")
 
@@ -83,8 +81,7 @@ class ServiceAgent:
         self._labels = service_labels(name, store.home)
         self._desired: Desired | None = None
         self._containers: list[Replica] = []
-        self._seen_running: dict[str, float] = {}
-        self._stopped_by_outage: set[str] = set()
+        self._outage = OutageMemory()
         self._first_failure: dict[ReplicaKey, float] = {}
         self._wake = threading.Event()  # a request waits for a replica: reconcile now
         self.autoscaler: Autoscaler | None = None
@@ -102,7 +99,8 @@ class ServiceAgent:
         log.info("agent for %s started (pid %d)", self.name, os.getpid())
         if self.store.remove_leftover_temp_files(self.name):
             log.info("removed temporary files of interrupted writes")
-        self.rollouts = RolloutMonitor(self._published_rollout())
+        # The rollout as the previous agent left it: a restart carries on (or stays rolled back).
+        self.rollouts = RolloutMonitor(ObservedState.from_json(self._read_state()).rollout)
         self.runner = ProbeRunner(on_change=self._probe_changed)
         publisher = threading.Thread(
             target=self.publisher.run, args=(self.stop,), name="publisher", daemon=True
@@ -117,10 +115,6 @@ class ServiceAgent:
             self.logs.close()
             self.endpoint.close()
             publisher.join(1.0)
-
-    def _published_rollout(self) -> Any:
-        """The rollout as the previous agent left it, so a restart carries on (or stays rolled back)."""
-        return ObservedState.from_json(self._read_state()).rollout
 
     def _read_state(self) -> dict[str, Any]:
         try:
@@ -163,10 +157,7 @@ class ServiceAgent:
         if message != self.facts.engine_problem:
             log.warning("Docker problem: %s", message)
         if self.facts.engine_problem is None:
-            # Seen running shortly before: Docker may have stopped them on its way down before
-            # this agent noticed that it was going.
-            recent = time.monotonic() - OUTAGE_LOOKBACK_SECONDS
-            self._stopped_by_outage = {cid for cid, seen in self._seen_running.items() if seen >= recent}
+            self._outage.began()
         self.facts.engine_problem = message
         if self.engine is not None:
             self.engine.close()
@@ -231,11 +222,7 @@ class ServiceAgent:
 
     def _observe(self, engine: DockerEngine) -> None:
         self._containers = engine.list_replicas(self._labels)
-        now = time.monotonic()
-        self._seen_running = {
-            **{k: t for k, t in self._seen_running.items() if now - t < OUTAGE_LOOKBACK_SECONDS},
-            **{c.id: now for c in self._containers if c.status == "running"},
-        }
+        self._outage.saw(c.id for c in self._containers if c.status == "running")
         for replica in self._containers:
             self.book.observe(key_of(replica), container_of(replica))
             # The runner reports changes of symbol, error or rotation only; hang detection
@@ -311,13 +298,13 @@ class ServiceAgent:
             lambda state: target.owns_state(state),
             policy,
             rolling,
-            self._stopped_by_outage,
+            self._outage.stopped,
             failing_for,
         )
         for action in actions:
             self._carry_out(engine, action)
         if self.facts.engine_problem is None:
-            self._stopped_by_outage.clear()
+            self._outage.stopped.clear()
         return bool(actions)
 
     def _carry_out(self, engine: DockerEngine, action: Action) -> None:
@@ -371,7 +358,7 @@ class ServiceAgent:
         created = self.provisioner.create(engine, desired, target, slots, self._containers, stop_first)
         self._containers = [*self._containers, *created]
         for replica in created:
-            self._seen_running[replica.id] = time.monotonic()
+            self._outage.saw([replica.id])
             self.book.observe(key_of(replica), container_of(replica))
         self._watch_probes(desired, target)
 
@@ -408,6 +395,5 @@ class ServiceAgent:
         row = next((r for r in self.publisher.rows() if r.container_id == container_id), None)
         if row is None:
             return "a new replica", ""
-        return slot_name(
-            (row.group, row.replica_num)
-        ), f": {row.describe_probes('probe ') or row.message or row.status}"
+        detail = row.describe_probes("probe ") or row.message or row.status
+        return slot_name((row.group, row.replica_num)), f": {detail}"

@@ -101,21 +101,27 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
         if not verbose:
             row[1] = "local"
         rows.append(row)
-        if not verbose:
-            continue
-        order = {name: index for index, name in enumerate(run.group_order)}
-        shown: set[str] = set()
-        for name, replica in _named_replicas(run):
-            rows += _group_rows(run, order, shown, replica.group, headers)
-            line = [name, *_replica_line(replica, run, with_gpus, wide)]
-            if with_rps:
-                line.insert(4, "")
-            rows.append(line)
-        for group in run.scaling:  # autoscaled groups without replicas (scaled to zero)
-            rows += _group_rows(run, order, shown, group, headers)
+        if verbose:
+            rows += _verbose_rows(run, headers, with_gpus, wide)
     if not rows:
         return "No services. Start one with `dstackctl run -f FILE`."
     return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)
+
+
+def _verbose_rows(run: RunView, headers: list[str], with_gpus: bool, wide: bool) -> list[list[str]]:
+    """A row per replica (dstack's), and one before an autoscaled group's replicas."""
+    order = {name: index for index, name in enumerate(run.group_order)}
+    shown: set[str] = set()
+    rows: list[list[str]] = []
+    for name, replica in _named_replicas(run):
+        rows += _group_rows(run, order, shown, replica.group, headers)
+        line = [name, *_replica_line(replica, run, with_gpus, wide)]
+        if "RPS" in headers:
+            line.insert(4, "")
+        rows.append(line)
+    for group in run.scaling:  # autoscaled groups without replicas (scaled to zero)
+        rows += _group_rows(run, order, shown, group, headers)
+    return rows
 
 
 def _ready(run: RunView) -> str:
