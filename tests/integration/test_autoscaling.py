@@ -81,8 +81,12 @@ class Load:
             return [answer for answer in self.sent if answer[1] != 200]
 
 
+def observed_of(name: str) -> ObservedState:
+    return ObservedState.from_json(Store().read(name, STATE) or {})
+
+
 def observed() -> ObservedState:
-    return ObservedState.from_json(Store().read("auto", STATE) or {})
+    return observed_of("auto")
 
 
 def replicas_ready(count: int, deployment: int | None = None) -> bool:
@@ -170,3 +174,31 @@ def test_load_scales_up_a_redeploy_keeps_the_count_and_idle_scales_to_zero_and_b
     assert re.search(r"auto deployment=1 .* 1/1 \(0\.\.3\)", table), table
     assert "   group=0 " in table and "target 1 rps over 30s" in table, table
     assert cli(capsys, "stop", "auto", "-y").code == 0
+
+
+def test_a_request_at_zero_gets_a_503_with_retry_after_when_no_replica_gets_ready_in_time(
+    dstack_home: Path, tmp_path: Path, test_image: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The wait is bounded by run's --timeout: a replica whose probe never passes leaves the
+    request a 503 with Retry-After and a JSON reason, not a hang."""
+    port = free_port()
+    path = tmp_path / "sleepy.dstack.yml"
+    path.write_text(
+        "type: service\nname: sleepy\n"
+        f"image: {test_image}\nport: '{port}:8000'\nreplicas: 0..1\n"
+        "scaling: {metric: rps, target: 1, window: 30s}\n"
+        "commands: ['exec httpd -f -p 8000 -h /www']\n"
+        "probes: [{type: http, url: /no-such-page, interval: 1s}]\n"
+    )
+    started = cli(capsys, "run", "-d", path, "--timeout", "4s")
+    assert started.code == 0, started.err
+    began = time.monotonic()
+    response = requests.get(f"http://127.0.0.1:{port}/cgi-bin/whoami", timeout=60)
+    waited = time.monotonic() - began
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"].isdigit()
+    assert "became ready within 4s" in response.json()["error"]
+    assert 3.5 <= waited < 10, waited
+    # The request woke the service: its replica was started (and is still not ready).
+    assert [r.replica_num for r in observed_of("sleepy").replicas] == [0]
+    assert cli(capsys, "stop", "sleepy", "-y").code == 0
