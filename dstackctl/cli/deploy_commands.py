@@ -23,7 +23,7 @@ from dstackctl.cli.output import service_names, state, warn
 from dstackctl.cli.plan_view import dry_run
 from dstackctl.cli.validate_files import DEFAULT_CONFIG
 from dstackctl.errors import DstackctlError, ExitCode, NoSuchService, UsageError
-from dstackctl.wording import count_of
+from dstackctl.wording import count_of, replicas_of
 
 if TYPE_CHECKING:
     from dstackctl.config.loader import LoadedConfig
@@ -186,9 +186,7 @@ def _start(
         if not detach:
             return ExitCode.OK
     elif submitted.outcome == "scaled":
-        typer.echo(
-            f"{service}: scaling to {count_of(loaded.config.total_replicas, 'replica')} in place.", err=True
-        )
+        typer.echo(f"{service}: scaling to {replicas_of(*loaded.config.replica_span)} in place.", err=True)
     if no_wait:
         typer.echo(f"Submitted {service}; `dstackctl ps -v {service}` shows its progress.", err=state.as_json)
         return _submitted(store, service, submitted.outcome)

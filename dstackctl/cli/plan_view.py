@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from dstackctl.errors import DstackctlError, ExitCode
-from dstackctl.wording import count_of
+from dstackctl.wording import replicas_of
 
 
 def dry_run(path: Path, name: str | None, env: list[str], port: int | None) -> int:
@@ -80,7 +80,7 @@ def plan_text(
     probes = ", ".join(f"{p.method.upper()} {p.url}" for p in config.effective_probes())
     header = [
         f"Plan for {service} (nothing was started):",
-        f"  replicas:  {config.total_replicas}, each publishing container port "
+        f"  replicas:  {replicas_of(*config.replica_span)}, each publishing container port "
         f"{config.port.container_port} on 127.0.0.1 (ephemeral host port)",
         f"  endpoint:  http://127.0.0.1:{local_port}",
         f"  env:       {', '.join(sorted(env_values)) or '(none)'}",
@@ -90,9 +90,10 @@ def plan_text(
         return "\n".join([*header[:1], *_group_lines(config, "0", gpus, "  "), *header[1:]])
     lines = header
     router = config.router_group
-    for name, count in config.group_counts.items():
+    for group in config.replica_groups:
+        name = str(group.name)
         role = ", takes the endpoint's traffic" if router is not None and router.name == name else ""
-        lines.append(f"  group {name} ({count_of(count, 'replica')}{role}):")
+        lines.append(f"  group {name} ({replicas_of(group.size.min or 0, group.size.max or 0)}{role}):")
         lines += _group_lines(config.for_group(name), name, gpus, "    ")
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dstackctl.errors import ExitCode
-from dstackctl.wording import count_of
+from dstackctl.wording import count_of, replicas_of
 
 DEFAULT_CONFIG = ".dstack.yml"
 
@@ -68,7 +68,7 @@ def _summary(loaded: LoadedConfig) -> str:
     probes = len(config.effective_probes())
     parts = [
         f"service {config.name}" if config.name else "service",
-        count_of(config.total_replicas, "replica"),
+        replicas_of(*config.replica_span),
         count_of(probes, "probe"),
     ]
     if config.resources.gpu and config.resources.gpu.wants_gpus:

@@ -168,6 +168,12 @@ class ServiceConfiguration(Strict):
         return {str(group.name): group.size.min or 0 for group in self.replica_groups}
 
     @property
+    def replica_span(self) -> tuple[int, int]:
+        """The fewest and the most replicas the service may run (equal without autoscaling)."""
+        groups = self.replica_groups
+        return sum(g.size.min or 0 for g in groups), sum(g.size.max or 0 for g in groups)
+
+    @property
     def autoscaled(self) -> bool:
         return any(group.scaling is not None for group in self.replica_groups)
 
