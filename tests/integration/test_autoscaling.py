@@ -11,7 +11,9 @@ agent's log must show each scaling decision no sooner than its delay allows.
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -202,3 +204,42 @@ def test_a_request_at_zero_gets_a_503_with_retry_after_when_no_replica_gets_read
     # The request woke the service: its replica was started (and is still not ready).
     assert [r.replica_num for r in observed_of("sleepy").replicas] == [0]
     assert cli(capsys, "stop", "sleepy", "-y").code == 0
+
+
+def test_a_restarted_agent_keeps_the_decided_count_and_its_containers(
+    dstack_home: Path, tmp_path: Path, test_image: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The count is the agent's observed state: a new agent reads it back, adopts the replica,
+    and (with no request history of its own) does not scale down before a whole window."""
+    port = free_port()
+    path = tmp_path / "kept.dstack.yml"
+    path.write_text(
+        "type: service\nname: kept\n"
+        f"image: {test_image}\nport: '{port}:8000'\nreplicas: 0..2\n"
+        "scaling: {metric: rps, target: 1, window: 30s, scale_down_delay: 1s}\n"
+        "commands: ['exec httpd -f -p 8000 -h /www']\n"
+        "probes: [{type: http, url: /cgi-bin/health, interval: 1s}]\n"
+    )
+    assert cli(capsys, "run", "-d", path, "--timeout", "60s").code == 0
+    assert requests.get(f"http://127.0.0.1:{port}/cgi-bin/whoami", timeout=60).status_code == 200
+    wait_until(lambda: len(observed_of("kept").replicas) == 1, timeout=10, what="the woken replica")
+    [replica] = observed_of("kept").replicas
+
+    store = Store(dstack_home)
+    agent = store.agent_holder("kept")
+    assert agent is not None
+    os.kill(agent, signal.SIGKILL)
+    wait_until(lambda: not store.agent_alive("kept"), timeout=10, what="the killed agent to let go")
+    again = cli(capsys, "run", "-d", path, "--timeout", "60s")
+    assert again.code == 0, again.err
+    assert "restarted it" in again.err
+
+    def restored() -> ObservedState | None:
+        state = observed_of("kept")
+        return state if state.agent.get("pid") not in (None, agent) and state.scaling else None
+
+    state = wait_until(restored, timeout=10, what="the new agent's state")
+    assert state.scaling["0"].desired == 1
+    assert "counting a whole window" in (state.scaling["0"].pending or ""), state.scaling
+    assert [r.container_id for r in state.replicas] == [replica.container_id]
+    assert cli(capsys, "stop", "kept", "-y").code == 0
