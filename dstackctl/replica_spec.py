@@ -9,7 +9,7 @@ import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from dstackctl.labels import (
@@ -36,6 +36,7 @@ BASE_IMAGE_VARIABLE = "DSTACK_DOCKER_BASE_IMAGE"
 DIND_IMAGE = "dstackai/dind"
 DIND_IMAGE_VARIABLE = "DSTACK_DIND_IMAGE"
 VENV_DIR = "/dstack/venv"
+LEGACY_REPO_DIR = "/workflow"  # where dstack puts a relative working_dir
 DEFAULT_STOP_GRACE_SECONDS = 10
 _GB = 1024**3
 
@@ -75,7 +76,7 @@ class ReplicaSpec:
     working_dir: str | None = None
     user: str | None = None
     privileged: bool = False
-    binds: dict[str, dict[str, str]] = field(default_factory=dict)
+    binds: list[str] = field(default_factory=list)
     shm_size_bytes: int | None = None
     mem_limit_bytes: int | None = None
     nano_cpus: int | None = None
@@ -161,14 +162,25 @@ def dstack_environment(
     }
 
 
-def _binds(config: ServiceConfiguration, config_dir: Path) -> dict[str, dict[str, str]]:
-    binds = {}
+def _binds(config: ServiceConfiguration, config_dir: Path) -> list[str]:
+    """`source:path:mode` per volume (a list, not docker-py's mapping keyed by source, which
+    would keep only one of two volumes of the same host path)."""
+    binds = []
     for volume in config.volumes:
         source = volume.source
         if volume.is_host_path:
             source = str((config_dir / Path(source).expanduser()).resolve())
-        binds[source] = {"bind": volume.path, "mode": "ro" if volume.read_only else "rw"}
+        binds.append(f"{source}:{volume.path}:{'ro' if volume.read_only else 'rw'}")
     return binds
+
+
+def working_dir_of(config: ServiceConfiguration) -> str | None:
+    """An absolute `working_dir`, or a relative one under /workflow, as dstack resolves it
+    (server/services/jobs/configurators/base.py `_working_dir`, LEGACY_REPO_DIR)."""
+    working_dir = config.working_dir
+    if working_dir is None or working_dir.startswith("/"):
+        return working_dir
+    return str(PurePosixPath(LEGACY_REPO_DIR) / working_dir)
 
 
 def build_replica_spec(
@@ -195,7 +207,7 @@ def build_replica_spec(
     if group != DEFAULT_GROUP:
         job_id = f"{run_id}-{group}-{replica_num}-{deployment_num}"
     environment = {
-        **dstack_environment(run_name, run_id, replica_num, job_id, gpu_count, config.working_dir),
+        **dstack_environment(run_name, run_id, replica_num, job_id, gpu_count, working_dir_of(config)),
         **env_values,
     }
     labels = _labels(run_name, home, replica_num, deployment_num, cfg_hash, spec_record)
@@ -211,7 +223,7 @@ def build_replica_spec(
         entrypoint=entrypoint,
         command=command,
         environment=environment,
-        working_dir=config.working_dir,
+        working_dir=working_dir_of(config),
         user=config.user,
         privileged=config.privileged or bool(config.docker),
         binds=_binds(config, config_dir),

@@ -86,6 +86,9 @@ def plan_text(
         f"  env:       {', '.join(sorted(env_values)) or '(none)'}",
         f"  probes:    {probes or 'none'}",
     ]
+    if config.volumes:
+        mounts = (f"{v.source} -> {v.path}{' (read-only)' if v.read_only else ''}" for v in config.volumes)
+        header.append(f"  volumes:   {', '.join(mounts)}")
     if config.groups is None:
         return "\n".join([*header[:1], *_group_lines(config, "0", gpus, "  "), *header[1:]])
     lines = header

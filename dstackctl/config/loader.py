@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from dstackctl.config.exposure import exposure_warnings
 from dstackctl.config.fields import SECRET_NAMESPACES
 from dstackctl.config.interpolation import interpolate, references
 from dstackctl.config.issues import ConfigError, Issue, Loc, dotted
@@ -180,6 +181,7 @@ def _warnings(loaded: LoadedConfig) -> list[Issue]:
             for key in ("spot_policy", "reservation")
             if getattr(group, key) is not None
         ]
+    found += [loaded.issue(as_written(loc, loaded.data), m) for loc, m in exposure_warnings(loaded.config)]
     if loaded.config.dstack:
         found.append(
             loaded.issue(("dstack",), "has no effect here: there is no dstack server on this machine")

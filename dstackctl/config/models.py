@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
+from dstackctl.config.exposure import mount_problems, size_problems
 from dstackctl.config.fields import (
     MAX_PROBES,
     PROBE_NAMESPACES,
@@ -215,6 +216,7 @@ class ServiceConfiguration(Strict):
         found = cross_field_problems(
             self.image, self.python, set(self.environment), list(enumerate(self.probes or []))
         )
+        found += mount_problems(self.volumes) + size_problems(self.replica_span[1])
         return found + service_problems(self)
 
     @property
