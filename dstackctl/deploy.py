@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from dstackctl.agent.process import start_agent
 from dstackctl.config.loader import LoadedConfig
 from dstackctl.errors import DstackctlError, NoSuchService, UsageError
-from dstackctl.replica_spec import config_hash
+from dstackctl.replica_spec import PROBE_VALUE_PREFIX, config_hash
 from dstackctl.spec_document import DEFAULT_ROLLOUT_TIMEOUT, DeploymentRecord, RolloutRequest, SpecDocument
 from dstackctl.status import ObservedState
 from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
@@ -59,12 +59,28 @@ def parse_env_overrides(pairs: list[str], environ: Mapping[str, str]) -> dict[st
     return result
 
 
-def stored_config(loaded: LoadedConfig) -> dict[str, Any]:
-    """The config as the store keeps it: env reduced to names, registry credentials removed."""
+def stored_config(loaded: LoadedConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config as the store keeps it: env reduced to names, registry credentials removed,
+    literal probe header values replaced by references; and those values (hide_probe_values)."""
     data = loaded.config.model_dump(mode="json", exclude_unset=True)
     data["env"] = list(loaded.config.environment)
     data.pop("registry_auth", None)
-    return data
+    return data, hide_probe_values(data)
+
+
+def hide_probe_values(data: dict[str, Any]) -> dict[str, str]:
+    """Replace each literal probe header value (an API key, say) in a stored config by
+    `${{ env.DSTACKCTL_PROBE_<probe>_HEADER_<header> }}`, and return those values: they are
+    kept with the env values in secrets.json, never in spec.json or a container label."""
+    hidden: dict[str, str] = {}
+    for p, probe in enumerate(data.get("probes") or []):
+        for h, header in enumerate(probe.get("headers") or [] if isinstance(probe, dict) else []):
+            value = header.get("value") if isinstance(header, dict) else None
+            if isinstance(value, str) and value and "${{" not in value:
+                name = f"{PROBE_VALUE_PREFIX}{p}_HEADER_{h}"
+                hidden[name] = value
+                header["value"] = f"${{{{ env.{name} }}}}"
+    return hidden
 
 
 def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[tuple[str, int, list[Any]]] | None:
@@ -130,11 +146,12 @@ class Release:
         for group in full.get("groups") or []:
             group.pop("replicas", None)
             group.pop("count", None)
+        config, probe_values = stored_config(loaded)
         return cls(
-            config=stored_config(loaded),
+            config=config,
             config_hash=config_hash(full, env_values),
             group_counts=loaded.config.group_counts,
-            env=env_values,
+            env={**env_values, **probe_values},
             probe_urls=[probe.url for probe in loaded.config.effective_probes()],
         )
 

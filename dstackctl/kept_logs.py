@@ -10,7 +10,7 @@ files of its newest KEEP_CONTAINERS containers. Secrets are masked before they a
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,15 +49,39 @@ class KeptLog:
         return found
 
 
-def secret_masks(values: Iterable[str]) -> list[bytes]:
-    """Env values of 4 characters or more, longest first: what masking replaces with ***."""
-    return sorted({v.encode() for v in values if len(v) >= 4}, key=len, reverse=True)
+# A short value is masked only where it stands alone and only when its name says it is a
+# secret: `PIN=987` is, but `WORKERS=2` masking every lone "2" would garble the logs.
+_SECRET_NAME = re.compile(r"TOKEN|KEY|SECRET|PASS|PIN|AUTH|CREDENTIAL|PRIVATE|CERT", re.IGNORECASE)
 
 
-def masked(line: bytes, masks: list[bytes]) -> bytes:
-    for secret in masks:
+@dataclass(frozen=True)
+class Masks:
+    """What masking replaces with ***: every env value of 4 characters or more (longest
+    first), and short values of secret-looking names as whole words."""
+
+    values: tuple[bytes, ...] = ()
+    short: re.Pattern[bytes] | None = None
+
+
+def secret_masks(*envs: Mapping[str, str]) -> Masks:
+    pairs = [(name, str(value)) for env in envs for name, value in env.items()]
+    values = sorted({v.encode() for _, v in pairs if len(v) >= 4}, key=len, reverse=True)
+    short = sorted(
+        {v.encode() for name, v in pairs if 0 < len(v) < 4 and _SECRET_NAME.search(name)},
+        key=len,
+        reverse=True,
+    )
+    pattern = None
+    if short:
+        words = b"|".join(re.escape(value) for value in short)
+        pattern = re.compile(rb"(?<![A-Za-z0-9])(?:" + words + rb")(?![A-Za-z0-9])")
+    return Masks(tuple(values), pattern)
+
+
+def masked(line: bytes, masks: Masks) -> bytes:
+    for secret in masks.values:
         line = line.replace(secret, b"***")
-    return line
+    return masks.short.sub(b"***", line) if masks.short is not None else line
 
 
 def file_name(group: str, replica_num: int, deployment_num: int, container_id: str) -> str:

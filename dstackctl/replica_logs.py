@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from dstackctl.errors import DstackctlError, NoSuchService
-from dstackctl.kept_logs import LOGS_DIR, KeptLog, kept_logs, masked, secret_masks, stamped, text_of
+from dstackctl.kept_logs import LOGS_DIR, KeptLog, Masks, kept_logs, masked, secret_masks, stamped, text_of
 from dstackctl.labels import DEFAULT_GROUP, service_labels
 from dstackctl.store import SECRETS, SPEC, Store
 
@@ -98,12 +98,11 @@ def _nothing(name: str, only: Filter, any_output: bool) -> str:
     return f"{name} has no output kept yet" if not any_output else f"{name} has no output"
 
 
-def secret_values(store: Store, name: str) -> list[bytes]:
-    """The service's env values (4 characters or more), longest first: masked in what `logs`
-    prints of a live container, as the agent masks what it keeps."""
+def secret_values(store: Store, name: str) -> Masks:
+    """The service's env values: masked in what `logs` prints of a live container, as the
+    agent masks what it keeps."""
     secrets = store.read(name, SECRETS) or {}
-    values = [*(secrets.get("env") or {}).values(), *(secrets.get("previous_env") or {}).values()]
-    return secret_masks(str(v) for v in values)
+    return secret_masks(secrets.get("env") or {}, secrets.get("previous_env") or {})
 
 
 def iter_logs(
@@ -111,7 +110,7 @@ def iter_logs(
     sources: list[LogSource],
     tail: int | None,
     since: float | None,
-    masks: list[bytes],
+    masks: Masks,
 ) -> Iterator[tuple[str, bytes]]:
     """The lines of every source, one source after the other."""
     cutoff = _stamp(since) if since is not None else None

@@ -37,6 +37,9 @@ DIND_IMAGE = "dstackai/dind"
 DIND_IMAGE_VARIABLE = "DSTACK_DIND_IMAGE"
 VENV_DIR = "/dstack/venv"
 LEGACY_REPO_DIR = "/workflow"  # where dstack puts a relative working_dir
+# Env values under these names are the probe header values kept out of spec.json (deploy.py
+# hide_probe_values): for the probes only, never in a container.
+PROBE_VALUE_PREFIX = "DSTACKCTL_PROBE_"
 DEFAULT_STOP_GRACE_SECONDS = 10
 _GB = 1024**3
 
@@ -208,7 +211,7 @@ def build_replica_spec(
         job_id = f"{run_id}-{group}-{replica_num}-{deployment_num}"
     environment = {
         **dstack_environment(run_name, run_id, replica_num, job_id, gpu_count, working_dir_of(config)),
-        **env_values,
+        **{name: value for name, value in env_values.items() if not name.startswith(PROBE_VALUE_PREFIX)},
     }
     labels = _labels(run_name, home, replica_num, deployment_num, cfg_hash, spec_record)
     labels.update({LABEL_GROUP: group, LABEL_GROUP_HASH: group_hash})

@@ -67,7 +67,7 @@ class LogKeeper:
             replica.group, replica.replica_num, replica.deployment_num, replica.id
         )
         last = _last_stamp(path)
-        masks = secret_masks(self._secrets(replica).values())
+        masks = secret_masks(self._secrets(replica))
         try:
             self._folder.mkdir(mode=0o700, exist_ok=True)
             stream = engine.logs(replica.id, follow=True, stop=self._stop, timestamps=True)

@@ -50,6 +50,6 @@ class RowLookups:
 
 
 def redact(lines: list[str], env: dict[str, str]) -> list[str]:
-    """Each line with every env value of 4 or more characters replaced by ***, cut at 300."""
-    masks = secret_masks(env.values())
+    """Each line with the env values masked (kept_logs.secret_masks), cut at 300."""
+    masks = secret_masks(env)
     return [masked(line.encode(), masks).decode(errors="replace")[:300] for line in lines]
