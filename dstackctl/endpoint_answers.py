@@ -47,5 +47,12 @@ def not_woken(service: str, waited: float) -> web.Response:
     return json_response(503, {"error": reason, "service": service, "waited_seconds": waited}, 10)
 
 
+def refused_method(method: str) -> web.Response:
+    reason = f"{method} is not passed on to replicas (the endpoint is a reverse proxy, not a tunnel)"
+    response = json_response(405, {"error": reason})
+    response.headers["Allow"] = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+    return response
+
+
 def bad_gateway(reason: str) -> web.Response:
     return json_response(502, {"error": reason})

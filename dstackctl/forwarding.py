@@ -30,8 +30,13 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Not passed on as the client sent them either: the replica gets its own Host, the endpoint
-# answers `Expect: 100-continue` itself, and X-Forwarded-For gets the client's address added.
-_NOT_FORWARDED = frozenset(name.encode() for name in HOP_BY_HOP) | {b"host", b"expect", b"x-forwarded-for"}
+# answers `Expect: 100-continue` itself, and the forwarding headers are the endpoint's to set
+# (a client's own X-Forwarded-For or X-Real-IP would let it pose as another address).
+_SET_HERE = (b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip", b"forwarded")
+_NOT_FORWARDED = frozenset(name.encode() for name in HOP_BY_HOP) | {b"host", b"expect", *_SET_HERE}
+# Methods a reverse proxy does not pass on: CONNECT asks for a tunnel, and TRACE would echo the
+# client's headers (its cookies, say) back from the replica.
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 # A client may leave Content-Length out of an empty POST; some servers then answer 411.
 _METHODS_WITH_LENGTH = frozenset({"POST", "PUT", "PATCH"})
 # A streamed request body is kept in memory up to this size, so the request can be sent
@@ -58,8 +63,7 @@ class OutgoingRequest:
         )
         self._head = b"".join(
             (
-                b"%s %s HTTP/1.1\r\n"
-                % (request.method.encode(), request.raw_path.encode("utf-8", "surrogateescape")),
+                b"%s %s HTTP/1.1\r\n" % (request.method.encode(), _origin_form(request.raw_path)),
                 forwarded_headers(request.raw_headers, connection_options(request.headers), request.remote),
                 framing,
             )
@@ -82,6 +86,17 @@ class OutgoingRequest:
         upload = asyncio.create_task(self.stream.send(connection))
         upload.add_done_callback(lambda task: _close_when_failed(task, connection))
         return upload
+
+
+def _origin_form(target: str) -> bytes:
+    """The request target as a replica expects it: an absolute-form target
+    (`http://host/path?q`, which a client may send to a proxy) becomes `/path?q`."""
+    if not target.startswith("/") and "://" in target:
+        rest = target.split("://", 1)[1]
+        slash = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=-1)
+        target = "/" if slash < 0 else rest[slash:]
+        target = target if target.startswith("/") else "/" + target
+    return target.encode("utf-8", "surrogateescape")
 
 
 def _body_of(request: web.BaseRequest) -> tuple[bytes, StreamedBody | None, bytes]:
@@ -148,7 +163,10 @@ class StreamedBody:
 def forwarded_headers(
     raw_headers: Iterable[tuple[bytes, bytes]], connection: frozenset[str], peer: str | None
 ) -> bytes:
-    """The client's headers for the replica, as header lines, with X-Forwarded-For extended.
+    """The client's headers for the replica, as header lines, with the forwarding headers the
+    endpoint sets: X-Forwarded-For and X-Real-IP (the client's address, replacing what the
+    client sent: the endpoint is the first proxy), X-Forwarded-Host (the Host the client
+    asked for) and X-Forwarded-Proto.
 
     `connection` holds the names the client's Connection header lists (connection_options).
     """
@@ -156,15 +174,18 @@ def forwarded_headers(
         _NOT_FORWARDED.union(name.encode("latin-1") for name in connection) if connection else _NOT_FORWARDED
     )
     lines: list[bytes] = []
-    forwarded_for: list[bytes] = []
+    host = b""
     for name, value in raw_headers:
         lowered = name.lower()
-        if lowered == b"x-forwarded-for":
-            forwarded_for.append(value)
-        elif lowered not in dropped:
+        if lowered == b"host":
+            host = value
+        if lowered not in dropped:
             lines.append(b"%s: %s\r\n" % (name, value))
-    forwarded_for.append((peer or "").encode())
-    lines.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
+    address = (peer or "").encode()
+    lines.append(b"X-Forwarded-For: %s\r\nX-Real-IP: %s\r\n" % (address, address))
+    if host:
+        lines.append(b"X-Forwarded-Host: %s\r\n" % host)
+    lines.append(b"X-Forwarded-Proto: http\r\n")
     return b"".join(lines)
 
 

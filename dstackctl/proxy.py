@@ -31,9 +31,10 @@ from dstackctl.endpoint_answers import (
     is_small,
     json_response,
     not_woken,
+    refused_method,
     unavailable,
 )
-from dstackctl.forwarding import CONTINUE, OutgoingRequest, drop_hop_by_hop
+from dstackctl.forwarding import CONTINUE, REFUSED_METHODS, OutgoingRequest, drop_hop_by_hop
 from dstackctl.netutil import BACKLOG, EndpointError, listen
 from dstackctl.request_rate import RequestRate
 from dstackctl.upstream_pool import UpstreamConnection, UpstreamPool
@@ -278,6 +279,8 @@ class Endpoint:
                 event.set()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method in REFUSED_METHODS:
+            return refused_method(request.method)
         self.rate.count()
         outgoing = OutgoingRequest(request)
         if outgoing.expects_continue and request.transport is not None:

@@ -436,22 +436,28 @@ def receive_until(client: socket.socket, ending: bytes) -> bytes:
 # --- headers --------------------------------------------------------------------------------
 
 
-def test_hop_by_hop_headers_are_dropped_both_ways_and_x_forwarded_for_is_extended(
+def test_hop_by_hop_headers_are_dropped_both_ways_and_the_forwarding_headers_are_the_endpoints(
     upstream: Upstream, endpoint: Endpoint
 ) -> None:
+    spoofed = {"X-Forwarded-For": "10.0.0.1", "X-Real-IP": "10.0.0.2", "X-Forwarded-Proto": "https"}
     answer = get(
         endpoint,
         "/hop",
-        headers={"Connection": "X-Secret", "X-Secret": "1", "X-Forwarded-For": "10.0.0.1", "X-Kept": "2"},
+        headers={
+            "Connection": "X-Secret",
+            "X-Secret": "1",
+            "X-Kept": "2",
+            "Host": "svc.localhost",
+            **spoofed,
+        },
     )
 
     seen = upstream.seen[-1].headers
     assert "x-secret" not in seen and "connection" not in seen
-    assert (seen["x-kept"], seen["x-forwarded-for"], seen["host"]) == (
-        "2",
-        "10.0.0.1, 127.0.0.1",
-        f"127.0.0.1:{upstream.port}",
-    )
+    assert (seen["x-kept"], seen["host"]) == ("2", f"127.0.0.1:{upstream.port}")
+    # The client's address replaces what it claimed: the endpoint is the first proxy.
+    assert (seen["x-forwarded-for"], seen["x-real-ip"]) == ("127.0.0.1", "127.0.0.1")
+    assert (seen["x-forwarded-host"], seen["x-forwarded-proto"]) == ("svc.localhost", "http")
     assert answer.headers["X-Public"] == "yes"
     assert "X-Internal" not in answer.headers and "Keep-Alive" not in answer.headers
 
@@ -536,3 +542,30 @@ def test_a_client_leaving_mid_stream_closes_both_sides_without_an_error_logged(
     wait_until(lambda: upstream.open == 0, timeout=WAIT, what="the replica's connection to be closed")
     assert get(endpoint, "/text").text == "/text on connection 2"
     assert [r.getMessage() for r in caplog.records] == []
+
+
+@pytest.mark.parametrize("method", ["CONNECT", "TRACE"])
+def test_connect_and_trace_are_refused_and_never_reach_a_replica(
+    method: str, upstream: Upstream, endpoint: Endpoint
+) -> None:
+    target = "example.com:443" if method == "CONNECT" else "/text"
+    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=WAIT) as client:
+        client.sendall(f"{method} {target} HTTP/1.1\r\nHost: x\r\nCookie: session=s3cret\r\n\r\n".encode())
+        answer = client.recv(65536)
+
+    assert answer.startswith(b"HTTP/1.1 405 "), answer
+    assert b"Allow: " in answer and b"s3cret" not in answer
+    assert upstream.seen == []
+
+
+def test_an_absolute_form_target_reaches_the_replica_in_origin_form(
+    upstream: Upstream, endpoint: Endpoint
+) -> None:
+    with socket.create_connection(("127.0.0.1", endpoint.port), timeout=WAIT) as client:
+        client.sendall(
+            b"GET http://svc.example/text?x=1 HTTP/1.1\r\nHost: svc.example\r\nConnection: close\r\n\r\n"
+        )
+        answer = receive_until(client, b"")
+
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+    assert upstream.seen[-1].path == "/text?x=1"
