@@ -18,15 +18,21 @@ def stop_service(store: Store, name: str, engine: DockerEngine, abort: bool = Fa
     removed. `abort`: SIGKILL at once, without the grace period (dstack's `stop --abort`)."""
     if not store.exists(name):
         raise NoSuchService(name)
-
+    unrecorded = None
     try:
-        store.update(name, SPEC, lambda spec: {**spec, "desired": "stopped"})
-    except StoreError:
-        # A corrupt or foreign record must not keep the containers alive: replace it.
-        with store.lock(name):
-            store.write(name, SPEC, {"name": name, "desired": "stopped", "deployment_num": 0})
+        try:
+            store.update(name, SPEC, lambda spec: {**spec, "desired": "stopped"})
+        except StoreError:
+            # A corrupt or foreign record must not keep the containers alive: replace it.
+            with store.lock(name):
+                store.write(name, SPEC, {"name": name, "desired": "stopped", "deployment_num": 0})
+    except OSError as exc:  # a full disk, a read-only folder: the containers stop all the same
+        unrecorded = exc.strerror or str(exc)
     stop_agent(store, name)
-    spec = store.read(name, SPEC) or {}
+    try:
+        spec = store.read(name, SPEC) or {}
+    except (OSError, StoreError):
+        spec = {}
     grace = (spec.get("config") or {}).get("stop_duration")
     grace_seconds = 0 if abort else stop_grace_seconds(grace)
     containers = engine.list_replicas(service_labels(name, store.home))
@@ -34,6 +40,12 @@ def stop_service(store: Store, name: str, engine: DockerEngine, abort: bool = Fa
         with ThreadPoolExecutor(max_workers=min(8, len(containers))) as pool:
             list(pool.map(lambda r: engine.stop_and_remove(r.id, grace_seconds), containers))
     engine.remove_networks(service_labels(name, store.home))
+    if unrecorded is not None:
+        raise DstackctlError(
+            f"stopped {name} ({len(containers)} containers removed, its agent too), but could not "
+            f"record it in {store.service_dir(name)} ({unrecorded}); free space or fix its "
+            f"permissions, then `dstackctl stop {name}` again so that `ps` shows it stopped"
+        )
     return len(containers)
 
 

@@ -6,11 +6,13 @@ Kept free of pydantic and docker-py imports: `ps` must start fast.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from typing import Any
 
 from dstackctl.spec_document import SpecDocument, stored_groups
 from dstackctl.status import GroupScaling, ObservedState, ReplicaRow, RolloutStatus
 from dstackctl.store import SPEC, STATE, Store, StoreError
+from dstackctl.timeutil import parse_utc
 
 
 @dataclass
@@ -63,6 +65,17 @@ class RunView:
     def rps(self) -> float | None:
         """Requests per second through the endpoint, over the first autoscaled group's window."""
         return next((s.rps for s in self.scaling.values()), None)
+
+    @property
+    def state_age(self) -> float | None:
+        """Seconds since the agent last wrote the state (it writes every 2 s); None: unknown."""
+        heartbeat = self.observed.agent.get("heartbeat_at")
+        if not isinstance(heartbeat, str):
+            return None
+        try:
+            return (datetime.now(timezone.utc) - parse_utc(heartbeat)).total_seconds()
+        except ValueError:
+            return None
 
     @property
     def degraded(self) -> bool:

@@ -104,8 +104,11 @@ class StatusPublisher:
     def run(self, stop: threading.Event) -> None:
         """Writes changes promptly, at most every MIN_PUBLISH_GAP_SECONDS (a thread's body)."""
         last_write = 0.0
+        problem: str | None = None  # logged once, not on every heartbeat
         while not stop.is_set():
-            if not self._dirty.wait(0.5):
+            # Nothing changed: still a heartbeat every HEARTBEAT_SECONDS, also while the
+            # reconcile loop waits on a drain or a pull, so that `ps` can tell a stale state.
+            if not self._dirty.wait(0.5) and time.monotonic() - self._last_time < HEARTBEAT_SECONDS:
                 continue
             # The gap counts from this thread's own last write: the reconcile loop's writes
             # must not delay a probe result that just changed readiness.
@@ -117,7 +120,13 @@ class StatusPublisher:
             try:
                 self.publish()
             except OSError as exc:
-                log.error("cannot write state: %s", exc)
+                if str(exc) != problem:
+                    log.error("cannot write state: %s", exc)
+                problem = str(exc)
+                continue
+            if problem is not None:
+                log.info("state is written again")
+                problem = None
 
     def _row(self, state: ReplicaState) -> ReplicaRow:
         key, container = state.key, state.container

@@ -15,6 +15,7 @@ def _err(message: str) -> None:
 
 
 WATCH_SECONDS = 1.0
+STALE_STATE_SECONDS = 10.0  # the agent rewrites its state every 2 s (publishing.HEARTBEAT_SECONDS)
 
 
 def watch_runs(show: Callable[[], int], interval: float = WATCH_SECONDS) -> int:
@@ -63,6 +64,13 @@ def show_runs(
             _err(
                 f"warning: the agent of {run_view.name} is not running, so its endpoint is down; "
                 f"`dstackctl run` of its file or `dstackctl redeploy {run_view.name}` restarts it"
+            )
+        age = run_view.state_age
+        if run_view.active and run_view.agent_alive and age is not None and age > STALE_STATE_SECONDS:
+            _err(
+                f"warning: the state of {run_view.name} is {int(age)}s old: its agent has not written "
+                f"it since (stopped, overloaded, or a full disk or read-only folder); what ps shows may "
+                f"be out of date; see {store.log_path(run_view.name)}"
             )
         if run_view.engine_problem:
             _err(f"warning: {run_view.name}: {run_view.engine_problem}")
