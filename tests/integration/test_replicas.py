@@ -245,7 +245,9 @@ def test_env_values_stay_out_of_ps_the_state_files_and_the_agent_log(
         for secret in (file_secret, cli_secret):
             assert secret not in result.out + result.err, f"`{command}` shows an env value"
     folder = Store(dstack_home).service_dir("leaky")
-    files = {p.name: p for p in folder.iterdir()}
+    # Every file, also the kept logs (logs/, made when the agent starts copying a replica's
+    # output: there or not yet, depending on timing).
+    files = {str(p.relative_to(folder)): p for p in folder.rglob("*") if p.is_file()}
     assert {"spec.json", "state.json", "secrets.json", "agent.log"} <= set(files)
     for name, file in files.items():
         content = file.read_bytes()
@@ -255,7 +257,12 @@ def test_env_values_stay_out_of_ps_the_state_files_and_the_agent_log(
             else:
                 assert secret.encode() not in content, f"{name} holds an env value"
         assert stat.S_IMODE(file.stat().st_mode) == 0o600, f"{name} is not 0600"
-    for directory in (dstack_home, dstack_home / "services", folder):
+    for directory in (
+        dstack_home,
+        dstack_home / "services",
+        folder,
+        *(p for p in folder.rglob("*") if p.is_dir()),
+    ):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, f"{directory} is not 0700"
     assert json.loads(files["spec.json"].read_text())["config"]["env"] == ["SECRET_TOKEN"]
 
