@@ -56,9 +56,11 @@ class RunView:
         scaling = self.scaling
         if not scaling:
             return None
-        counts = self.spec.current.group_counts
-        low = sum(s.min for s in scaling.values()) + sum(n for g, n in counts.items() if g not in scaling)
-        high = sum(s.max for s in scaling.values()) + sum(n for g, n in counts.items() if g not in scaling)
+        fixed = sum(n for g, n in self.spec.current.group_counts.items() if g not in scaling)
+        low, high = (
+            fixed + sum(s.min for s in scaling.values()),
+            fixed + sum(s.max for s in scaling.values()),
+        )
         return f"{low}..{high}"
 
     @property

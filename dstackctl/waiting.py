@@ -105,7 +105,7 @@ def _readiness(name: str, current: RunView) -> Outcome | None:
 def _replicas_asked(current: RunView) -> int | None:
     """The replica count the spec asks of the deployment the agent serves."""
     spec, number = current.spec, current.observed.deployment_num
-    scaled = current.observed.scaling  # autoscaled groups: the count the agent decided
+    scaled = current.scaling  # autoscaled groups: the count the agent decided
     for record in (spec.current, spec.previous):
         if record is not None and record.number == number:
             counts = record.group_counts

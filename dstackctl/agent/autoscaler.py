@@ -36,6 +36,7 @@ from dstackctl.config.units import format_duration
 from dstackctl.request_rate import RequestRate
 from dstackctl.status import GroupScaling
 from dstackctl.timeutil import parse_utc
+from dstackctl.wording import decimal
 
 log = logging.getLogger("dstackctl.agent")
 
@@ -92,7 +93,7 @@ def decide(
         return Decision(rule.clip(current), f"the range is now {rule.minimum}..{rule.maximum}")
     rps = requests / rule.window
     wanted = rule.clip(math.ceil(rps / rule.target))
-    rate = f"{_rate(rps)} rps over {format_duration(rule.window)} for a target of {_rate(rule.target)}"
+    rate = f"{decimal(rps)} rps over {format_duration(rule.window)} for a target of {decimal(rule.target)}"
     if wanted == current:
         return Decision(current)
     if wanted > current and current == 0:
@@ -107,10 +108,6 @@ def decide(
         left = format_duration(math.ceil(rule.window - history))
         return Decision(current, pending=f"scale-down to {wanted} in {left} (counting a whole window)")
     return Decision(wanted, rate)
-
-
-def _rate(value: float) -> str:
-    return f"{value:.2f}".rstrip("0").rstrip(".") or "0"
 
 
 class Autoscaler:

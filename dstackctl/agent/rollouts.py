@@ -27,6 +27,11 @@ class RolloutMonitor:
         self.status = status  # as the last agent published it: a restart carries on
         self._waiting_since: dict[str, float] = {}
 
+    @property
+    def active(self) -> bool:
+        """A rollout (or its rollback) is under way."""
+        return self.status is not None and self.status.active
+
     def target(self, desired: Desired) -> Deployment:
         """The deployment to converge to: the spec's, or the previous one after a rollback."""
         self._begin(desired)

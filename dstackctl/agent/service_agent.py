@@ -10,13 +10,13 @@ it finds and carries on with an unfinished rollout. It never prints; it logs to 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from dstackctl.agent.autoscaler import Autoscaler
 from dstackctl.agent.desired import Deployment, Desired, DesiredReader
@@ -99,8 +99,8 @@ class ServiceAgent:
         log.info("agent for %s started (pid %d)", self.name, os.getpid())
         if self.store.remove_leftover_temp_files(self.name):
             log.info("removed temporary files of interrupted writes")
-        # The rollout as the previous agent left it: a restart carries on (or stays rolled back).
-        self.rollouts = RolloutMonitor(ObservedState.from_json(self._read_state()).rollout)
+        # A restart carries on with the rollout (or stays rolled back).
+        self.rollouts = RolloutMonitor(self._left_state.rollout)
         self.runner = ProbeRunner(on_change=self._probe_changed)
         publisher = threading.Thread(
             target=self.publisher.run, args=(self.stop,), name="publisher", daemon=True
@@ -116,11 +116,13 @@ class ServiceAgent:
             self.endpoint.close()
             publisher.join(1.0)
 
-    def _read_state(self) -> dict[str, Any]:
+    @functools.cached_property
+    def _left_state(self) -> ObservedState:
+        """state.json as the previous agent left it (rollout, autoscaled counts), read once."""
         try:
-            return self.store.read(self.name, STATE) or {}
+            return ObservedState.from_json(self.store.read(self.name, STATE) or {})
         except StoreError:
-            return {}
+            return ObservedState.from_json({})
 
     def _reconcile_until_stopped(self) -> int:
         while not self.stop.is_set():
@@ -199,11 +201,10 @@ class ServiceAgent:
     def _scaled(self, desired: Desired, target: Deployment) -> Deployment:
         """The target with the counts the autoscaler decides for its autoscaled groups."""
         if self.autoscaler is None:
-            state = ObservedState.from_json(self._read_state())
-            restored = state.scaling if state.run_id == desired.spec.run_id else {}
+            left = self._left_state  # its counts, unless it ran another run of this name
+            restored = left.scaling if left.run_id == desired.spec.run_id else {}
             self.autoscaler = Autoscaler(self.endpoint.rate, restored)
-        rolling = self.rollouts.status is not None and self.rollouts.status.active
-        scaled = self.autoscaler.apply(target, holding=rolling)
+        scaled = self.autoscaler.apply(target, holding=self.rollouts.active)
         self.facts.scaling = self.autoscaler.groups
         hold = desired.spec.wake_timeout if self.autoscaler.can_idle else 0
         self.endpoint.hold_when_idle(hold, self._wake.set)
@@ -292,12 +293,11 @@ class ServiceAgent:
             if target.owns_state(state) and (state.container.docker_status in EXITED_STATES or hung(state)):
                 self._first_failure.setdefault(state.key, now)
         failing_for = {key: now - since for key, since in self._first_failure.items()}
-        rolling = self.rollouts.status is not None and self.rollouts.status.active
         actions = plan_repairs(
             replicas,
             lambda state: target.owns_state(state),
             policy,
-            rolling,
+            self.rollouts.active,
             self._outage.stopped,
             failing_for,
         )

@@ -9,6 +9,7 @@ from typing import Any
 from dstackctl.runs import RunView
 from dstackctl.status import ReplicaRow
 from dstackctl.timeutil import ago
+from dstackctl.wording import decimal
 
 JSON_VERSION = 1
 MESSAGE_WIDTH = 60
@@ -110,10 +111,10 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
 
 def _verbose_rows(run: RunView, headers: list[str], with_gpus: bool, wide: bool) -> list[list[str]]:
     """A row per replica (dstack's), and one before an autoscaled group's replicas."""
-    order = {name: index for index, name in enumerate(run.group_order)}
+    order = _group_numbers(run)
     shown: set[str] = set()
     rows: list[list[str]] = []
-    for name, replica in _named_replicas(run):
+    for name, replica in _named_replicas(run, order):
         rows += _group_rows(run, order, shown, replica.group, headers)
         line = [name, *_replica_line(replica, run, with_gpus, wide)]
         if "RPS" in headers:
@@ -133,7 +134,7 @@ def _ready(run: RunView) -> str:
 
 
 def _rate(rps: float | None) -> str:
-    return "" if rps is None else f"{rps:.2f}".rstrip("0").rstrip(".")
+    return "" if rps is None else decimal(rps)
 
 
 def _group_rows(
@@ -158,11 +159,15 @@ def _group_rows(
     return [row]
 
 
-def _named_replicas(run: RunView) -> list[tuple[str, ReplicaRow]]:
+def _group_numbers(run: RunView) -> dict[str, int]:
+    """Group name -> the number `ps -v` shows as `group=N` (its place in the config)."""
+    return {name: index for index, name in enumerate(run.group_order)}
+
+
+def _named_replicas(run: RunView, order: dict[str, int]) -> list[tuple[str, ReplicaRow]]:
     """dstack's NAME cells (cli/utils/run.py `_format_job_name`): `   group=0 replica=0
     deployment=2`, the next replica of the same group aligned under `replica=`. (dstack leaves
-    out `group= replica=` when there is one replica; we always name it.)"""
-    order = {name: index for index, name in enumerate(run.group_order)}
+    out `group= replica=` when there is one replica; we always name it.) `order`: _group_numbers."""
     rows = sorted(
         run.replicas, key=lambda r: (order.get(r.group, len(order)), r.replica_num, r.deployment_num)
     )

@@ -175,10 +175,6 @@ class ServiceConfiguration(Strict):
         return sum(g.size.min or 0 for g in groups), sum(g.size.max or 0 for g in groups)
 
     @property
-    def autoscaled(self) -> bool:
-        return any(group.scaling is not None for group in self.replica_groups)
-
-    @property
     def total_replicas(self) -> int:
         return sum(self.group_counts.values())
 
