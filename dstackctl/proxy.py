@@ -34,6 +34,7 @@ from dstackctl.endpoint_answers import (
     refused_method,
     unavailable,
 )
+from dstackctl.endpoint_guard import EndpointGuard
 from dstackctl.forwarding import CONTINUE, REFUSED_METHODS, OutgoingRequest, drop_hop_by_hop
 from dstackctl.netutil import BACKLOG, EndpointError, listen
 from dstackctl.request_rate import RequestRate
@@ -118,8 +119,10 @@ class Endpoint:
         listener: socket.socket | None = None,
         grace_from: float | None = None,
         rate: RequestRate | None = None,
+        guard: EndpointGuard | None = None,
     ) -> None:
         self.service = service
+        self.guard = guard or EndpointGuard(service, host)  # the Host check; the token when auth is on
         self.host = host
         self.port = port
         self._listener = listener  # bound with netutil.listen
@@ -281,8 +284,11 @@ class Endpoint:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.method in REFUSED_METHODS:
             return refused_method(request.method)
+        checked = self.guard.check(request)
+        if isinstance(checked, web.Response):
+            return checked  # refused: not counted in the request rate either
         self.rate.count()
-        outgoing = OutgoingRequest(request)
+        outgoing = OutgoingRequest(checked)
         if outgoing.expects_continue and request.transport is not None:
             request.transport.write(CONTINUE)  # the body is read (and streamed on) here
         tried: set[str] = set()

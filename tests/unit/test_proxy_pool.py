@@ -402,7 +402,9 @@ def test_a_large_request_body_with_a_length_arrives_whole(upstream: Upstream, en
 
 def test_expect_100_continue_is_answered_by_the_endpoint(upstream: Upstream, endpoint: Endpoint) -> None:
     with socket.create_connection(("127.0.0.1", endpoint.port), timeout=WAIT) as client:
-        client.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        client.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
         interim = client.recv(100)
         client.sendall(b"hello")
         final = receive_until(client, b"hello")
@@ -563,7 +565,7 @@ def test_an_absolute_form_target_reaches_the_replica_in_origin_form(
 ) -> None:
     with socket.create_connection(("127.0.0.1", endpoint.port), timeout=WAIT) as client:
         client.sendall(
-            b"GET http://svc.example/text?x=1 HTTP/1.1\r\nHost: svc.example\r\nConnection: close\r\n\r\n"
+            b"GET http://svc.localhost/text?x=1 HTTP/1.1\r\nHost: svc.localhost\r\nConnection: close\r\n\r\n"
         )
         answer = receive_until(client, b"")
 
