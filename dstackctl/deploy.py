@@ -15,6 +15,7 @@ from dstackctl.agent.process import start_agent
 from dstackctl.config.loader import LoadedConfig
 from dstackctl.errors import DstackctlError, NoSuchService, UsageError
 from dstackctl.replica_spec import PROBE_VALUE_PREFIX, config_hash
+from dstackctl.service_token import keep_token
 from dstackctl.spec_document import DEFAULT_ROLLOUT_TIMEOUT, DeploymentRecord, RolloutRequest, SpecDocument
 from dstackctl.status import ObservedState
 from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
@@ -230,6 +231,7 @@ def submit(
     if now.record.config_hash != release.config_hash:
         number = start_rollout(store, name, release, rollout_timeout)
         return Submitted(name, "rollout", deployment_num=number)
+    keep_token(store, name, release.config)
     outcome = "unchanged"
     if now.record.group_counts != release.group_counts:
         scale(store, name, release.group_counts)
@@ -290,6 +292,7 @@ def _start(
         endpoint_port=port,
         wake_timeout=wake_timeout,  # the --timeout of `run`: a request at zero replicas waits this
     )
+    keep_token(store, name, release.config)
     with store.lock(name):
         store.write(name, SECRETS, {"env": release.env, "registry_auth": registry_auth})
         store.write(name, SPEC, spec.to_json())
@@ -334,6 +337,7 @@ def start_rollout(store: Store, name: str, release: Release, timeout: int) -> in
 
     The serving deployment is kept as `previous` so the agent can roll back to it.
     """
+    keep_token(store, name, release.config)
     with store.lock(name):
         data = store.read(name, SPEC)
         spec = SpecDocument.from_json(data) if data is not None else None

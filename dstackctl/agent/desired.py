@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +10,7 @@ from dstackctl.config.models import ServiceConfiguration
 from dstackctl.config.probe_model import ProbeConfig
 from dstackctl.config.probe_values import resolve_probes
 from dstackctl.replica_spec import config_hash as hash_of
+from dstackctl.service_token import read_token
 from dstackctl.spec_document import DeploymentRecord, SpecDocument
 from dstackctl.store import SECRETS, SPEC, Store
 
@@ -109,6 +110,12 @@ class Desired:
     current: Deployment
     previous: Deployment | None
     registry_auth: dict[str, str] | None
+    # From token.json when the current config has `auth: true`; kept out of repr (and logs).
+    auth_token: str | None = field(default=None, repr=False)
+
+    @property
+    def auth(self) -> bool:
+        return self.current.config.auth
 
     @property
     def config_dir(self) -> Path:
@@ -143,11 +150,13 @@ class DesiredReader:
         previous = None
         if spec.previous is not None:
             previous = self._load(spec.previous, secrets.get("previous_env") or secrets.get("env"))
+        current = self._load(spec.current, secrets.get("env"))
         return Desired(
             spec=spec,
-            current=self._load(spec.current, secrets.get("env")),
+            current=current,
             previous=previous,
             registry_auth=secrets.get("registry_auth"),
+            auth_token=read_token(self._store, self._name) if current.config.auth else None,
         )
 
     def _load(self, record: DeploymentRecord, env: dict[str, str] | None) -> Deployment:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dstackctl.agent.phases import ReplicaBook, ReplicaState
+from dstackctl.endpoint_guard import EndpointGuard
 from dstackctl.netutil import EndpointError, listen
 from dstackctl.request_rate import RequestRate
 
@@ -33,6 +34,9 @@ class EndpointHost:
         self.url: str | None = None
         self.error: str | None = None
         self.rate = RequestRate()  # counted by the endpoint, read by the autoscaler
+        # Refuses every request until `protect` says whether the service wants a token.
+        self.guard = EndpointGuard(name, ENDPOINT_HOST, token_required=True)
+        self._access: tuple[bool, bool] | None = None  # (token required, token readable) logged
         self._hold: tuple[float, Callable[[], None] | None] = (0.0, None)
         book.subscribe(self._on_change)
 
@@ -49,6 +53,23 @@ class EndpointHost:
             return
         self.url = f"http://{ENDPOINT_HOST}:{port}"
         log.info("endpoint bound to %s", self.url)
+
+    def protect(self, required: bool, token: str | None) -> None:
+        """Require the service's bearer token (`auth: true`) at the endpoint, or not. A token
+        that is required but could not be read refuses every request: it fails closed."""
+        self.guard.require(required, token)
+        access = (required, token is not None)
+        if access == self._access:
+            return
+        self._access = access
+        if required and token is None:
+            log.error(
+                "auth is on but the token file cannot be read: the endpoint refuses every request "
+                "until `dstackctl token %s` makes a new token",
+                self._name,
+            )
+        else:
+            log.info("the endpoint %s", "requires a bearer token" if required else "needs no token")
 
     def start_soon(self) -> None:
         """Start serving the bound endpoint from a thread, once the first containers were
@@ -90,7 +111,9 @@ class EndpointHost:
         from dstackctl.proxy import Endpoint
 
         host, port = listener.getsockname()
-        endpoint = Endpoint(self._name, port, host, listener, grace_from=self._grace_from, rate=self.rate)
+        endpoint = Endpoint(
+            self._name, port, host, listener, grace_from=self._grace_from, rate=self.rate, guard=self.guard
+        )
         endpoint.hold_when_idle(*self._hold)
         try:
             endpoint.start()

@@ -170,6 +170,7 @@ class ServiceAgent:
 
     def _reconcile(self, desired: Desired) -> None:
         self.endpoint.bind(desired.spec.endpoint_port)
+        self.endpoint.protect(desired.auth, desired.auth_token)
         engine = self._connect()
         target = self._scaled(desired, self.rollouts.target(desired))
         router = target.config.router_group

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from dstackctl import __version__
-from dstackctl.cli import config_commands, deploy_commands, failures, service_commands
+from dstackctl.cli import config_commands, deploy_commands, failures, service_commands, token_command
 from dstackctl.cli.output import state
 from dstackctl.errors import DstackctlError, ExitCode
 
@@ -23,6 +23,7 @@ app = typer.Typer(
 deploy_commands.register(app)
 service_commands.register(app)
 config_commands.register(app)
+token_command.register(app)
 
 
 def _version(value: bool) -> None:

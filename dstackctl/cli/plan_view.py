@@ -85,6 +85,7 @@ def plan_text(
         f"  endpoint:  http://127.0.0.1:{local_port}",
         f"  env:       {', '.join(sorted(env_values)) or '(none)'}",
         f"  probes:    {probes or 'none'}",
+        f"  auth:      {_auth_line(config.auth, service)}",
     ]
     if config.volumes:
         mounts = (f"{v.source} -> {v.path}{' (read-only)' if v.read_only else ''}" for v in config.volumes)
@@ -99,6 +100,12 @@ def plan_text(
         lines.append(f"  group {name} ({replicas_of(group.size.min or 0, group.size.max or 0)}{role}):")
         lines += _group_lines(config.for_group(name), name, gpus, "    ")
     return "\n".join(lines)
+
+
+def _auth_line(auth: bool, service: str) -> str:
+    if auth:
+        return f"bearer token, made at the first run; `dstackctl token {service}` prints it"
+    return "off: the endpoint takes requests from any local user (`auth: true` requires a token)"
 
 
 def _group_lines(

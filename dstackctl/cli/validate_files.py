@@ -73,6 +73,8 @@ def _summary(loaded: LoadedConfig) -> str:
     ]
     if config.resources.gpu and config.resources.gpu.wants_gpus:
         parts.append(f"gpu {config.resources.gpu}")
+    if config.auth:
+        parts.append(f"auth on: `dstackctl token {config.name or 'NAME'}` prints the bearer token")
     return ", ".join(parts)
 
 

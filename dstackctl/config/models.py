@@ -121,6 +121,11 @@ class ServiceConfiguration(Strict):
     probes: list[ProbeConfig] | None = Field(
         None, max_length=MAX_PROBES, description="Readiness probes (at most 10); `[]` means none."
     )
+    auth: bool = Field(
+        False,
+        description="Require `Authorization: Bearer TOKEN` at the endpoint (`dstackctl token NAME` "
+        "prints TOKEN). dstack's default is true; here, without it, the endpoint on 127.0.0.1 is open.",
+    )
     registry_auth: RegistryAuth | None = Field(None, description="Credentials to pull a private image.")
     retry: Annotated[
         RetryPolicy | None,
@@ -253,7 +258,6 @@ class ServiceConfiguration(Strict):
     gateway: bool | str | None = ignored_field("Gateway to publish the service through.")
     strip_prefix: bool | None = ignored_field("Strip the `/proxy/services/...` prefix.")
     https: bool | Literal["auto"] | None = ignored_field("Serve over HTTPS.")
-    auth: bool | None = ignored_field("Require dstack authorization.")
     rate_limits: list[Any] | None = ignored_field("Gateway rate limits.")
     priority: int | None = ignored_field("Run priority.")
     repos: list[Any] | None = ignored_field("Repositories to clone.")

@@ -15,6 +15,8 @@ import requests
 from helpers import free_port
 
 from dstackctl import proxy
+from dstackctl.agent.endpoint_host import EndpointHost
+from dstackctl.agent.phases import ReplicaBook
 from dstackctl.endpoint_guard import (
     EndpointGuard,
     allowed_host,
@@ -109,6 +111,13 @@ def test_token_matches_compares_the_whole_token() -> None:
     assert not token_matches([f"Bearer {TOKEN}x"], TOKEN)
     assert not token_matches([f"Bearer {TOKEN[:-1]}"], TOKEN)
     assert not token_matches(["Bearer t\u00f6ken\udcff"], TOKEN)  # non-ASCII: no TypeError
+
+
+def test_an_agents_endpoint_refuses_everything_until_it_knows_about_auth() -> None:
+    host = EndpointHost("svc", ReplicaBook(), grace_from=0.0)
+    assert host.guard.requires_token
+    host.protect(False, None)
+    assert not host.guard.requires_token
 
 
 # --- through a real endpoint ------------------------------------------------------------
