@@ -265,16 +265,11 @@ def _start(
     wake_timeout: int = DEFAULT_ROLLOUT_TIMEOUT,
 ) -> Submitted:
     port = endpoint_port(loaded, port_override)
-    from dstackctl.netutil import port_is_free
-
-    if not port_is_free("127.0.0.1", port):
+    try:
+        _check_port_free(store, name, port)
+    except DstackctlError:
         store.discard_if_unused(name)
-        holder = next((other for other in _endpoint_holders(store, port) if other != name), None)
-        who = f"the endpoint of {holder} (dstackctl)" if holder else "another program"
-        raise DstackctlError(
-            f"port {port} on 127.0.0.1 is in use by {who}, and {name}'s endpoint needs it; "
-            f"choose another with --port or `port: LOCAL:CONTAINER`"
-        )
+        raise
     registry_auth = None
     config = loaded.config
     if config.registry_auth:
@@ -298,6 +293,31 @@ def _start(
         store.write(name, SPEC, spec.to_json())
     start_agent(store, name)
     return Submitted(name, "started")
+
+
+def _check_port_free(store: Store, name: str, port: int) -> None:
+    from dstackctl.netutil import port_is_free
+
+    if not port_is_free("127.0.0.1", port):
+        holder = next((other for other in _endpoint_holders(store, port) if other != name), None)
+        who = f"the endpoint of {holder} (dstackctl)" if holder else "another program"
+        raise DstackctlError(
+            f"port {port} on 127.0.0.1 is in use by {who}, and {name}'s endpoint needs it; "
+            f"choose another with --port or `port: LOCAL:CONTAINER`"
+        )
+
+
+def move_endpoint(store: Store, name: str, port: int) -> int | None:
+    """Ask the agent to move the running service's endpoint to `port` (it serves on the new
+    port before it closes the old one); returns the old port, None when it had `port` already."""
+    with store.lock(name):
+        data = store.read(name, SPEC) or {}
+        old = data.get("endpoint_port")
+        if old is None or old == port:
+            return None
+        _check_port_free(store, name, port)
+        store.write(name, SPEC, {**data, "endpoint_port": port})
+    return int(old)
 
 
 def _endpoint_holders(store: Store, port: int) -> list[str]:

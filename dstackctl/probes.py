@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import quote
 
 from dstackctl import __version__
@@ -159,6 +159,15 @@ class _Target:
         return before != self.in_rotation
 
 
+def _carried_over(fresh: list[ProbeView], carried: tuple[ProbeView, ...] | None) -> list[ProbeView]:
+    """The probe views a restarted agent starts from: those carried, where they still match."""
+    if carried is None:
+        return fresh
+    if [(p.url, p.ready_after) for p in carried] != [(p.url, p.ready_after) for p in fresh]:
+        return [replace(p, success_streak=p.ready_after) for p in fresh]
+    return list(carried)
+
+
 @dataclass(frozen=True)
 class ProbeSample:
     """One executed probe, for measuring the scheduler: when it was due and when it began."""
@@ -204,30 +213,33 @@ class ProbeRunner:
         probes: list[ProbeConfig],
         urls: list[str] | None = None,
         address: tuple[str, int] | None = None,
+        carried: tuple[ProbeView, ...] | None = None,
     ) -> None:
         """Start probing a replica now (no initial delay). Re-watching with the same port is a no-op.
 
         `urls` are the probe URLs to report (as written, before `${{ env.X }}` was expanded).
         Without probes, the replica is ready once a connection to `address` (the container's
-        own IP and port; default host:port) succeeds.
+        own IP and port; default host:port) succeeds. `carried`: the probe views of a replica
+        that a previous agent had in rotation; it starts in rotation with them.
         """
         with self._lock:
             current = self._targets.get(key)
             if current is not None and current.port == port:
                 return
+            shown = urls or [p.url for p in probes]
+            statuses = [ProbeView(url, p.ready_after) for p, url in zip(probes, shown, strict=True)]
             target = _Target(
                 key=key,
                 host=host,
                 port=port,
                 probes=probes,
-                statuses=[
-                    ProbeView(url, p.ready_after)
-                    for p, url in zip(probes, urls or [p.url for p in probes], strict=True)
-                ],
+                statuses=_carried_over(statuses, carried if current is None else None),
                 address=None if probes else (address or (host, port)),
                 inside=address,
                 generation=(current.generation + 1) if current else 0,
             )
+            if carried is not None and current is None:
+                target.connected = target.in_rotation = True
             self._targets[key] = target
             now = time.monotonic()
             for index in range(len(probes)) if probes else [_CONNECT]:

@@ -14,6 +14,9 @@ from dstackctl.status import GroupScaling, ObservedState, ReplicaRow, RolloutSta
 from dstackctl.store import SPEC, STATE, Store, StoreError
 from dstackctl.timeutil import parse_utc
 
+# The agent rewrites its state every 2 s (publishing.HEARTBEAT_SECONDS): older means it stopped.
+STALE_STATE_SECONDS = 10.0
+
 
 @dataclass
 class RunView:
@@ -78,6 +81,14 @@ class RunView:
             return (datetime.now(timezone.utc) - parse_utc(heartbeat)).total_seconds()
         except ValueError:
             return None
+
+    @property
+    def stale_for(self) -> float | None:
+        """How old the state of a running service is when its agent has stopped writing it."""
+        age = self.state_age
+        if self.active and self.agent_alive and age is not None and age > STALE_STATE_SECONDS:
+            return age
+        return None
 
     @property
     def degraded(self) -> bool:

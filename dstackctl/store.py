@@ -51,14 +51,26 @@ def _private_dir(path: Path) -> Path:
 
 
 def _process_start_ticks(pid: int) -> int | None:
-    """When the process started, in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    """When the process started, in clock ticks since boot (field 22 of /proc/PID/stat);
+    None for a process that is gone, also one that died and was not reaped yet (a zombie)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read()
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may contain spaces: split after it.
-    return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return None if fields[0] in (b"Z", b"X") else int(fields[19])
+
+
+_IDENTITY_WIDTH = 80
+
+
+def _write_identity(fd: int, pids: list[int]) -> None:
+    """Who holds the agent lock, for `stop`: each pid with its start time, which a reused pid
+    lacks. One fixed-width write, so that a reader never sees the file empty or half written."""
+    text = " ".join(f"{pid} {_process_start_ticks(pid)}" for pid in pids)
+    os.pwrite(fd, text.ljust(_IDENTITY_WIDTH).encode()[:_IDENTITY_WIDTH] + b"\n", 0)
 
 
 class Store:
@@ -125,24 +137,33 @@ class Store:
             else:
                 yield False
                 return
-            # Who holds it, for `stop`: the pid and its start time, which a reused pid lacks.
-            identity = f"{os.getpid()} {_process_start_ticks(os.getpid())}\n".encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, identity, 0)
+            _write_identity(fd, [os.getpid()])
             yield True
         finally:
             os.close(fd)
 
-    def agent_holder(self, name: str) -> int | None:
-        """The pid of the process that holds the service's agent lock, None when none does."""
-        if not self.agent_alive(name):
-            return None
+    def note_agent(self, name: str, agent_pid: int) -> None:
+        """Record the agent a supervisor (the caller, holding the agent lock) has just started."""
+        fd = os.open(self.service_dir(name) / "agent.lock", os.O_WRONLY)
         try:
-            pid_text, ticks = (self.service_dir(name) / "agent.lock").read_text().split()
-            pid = int(pid_text)
+            _write_identity(fd, [agent_pid, os.getpid()])
+        finally:
+            os.close(fd)
+
+    def agent_processes(self, name: str) -> list[int]:
+        """The live processes of the service's agent: the agent, then its supervisor."""
+        if not self.agent_alive(name):
+            return []
+        try:
+            words = (self.service_dir(name) / "agent.lock").read_text().split()
+            pairs = [(int(words[i]), words[i + 1]) for i in range(0, len(words) - 1, 2)]
         except (OSError, ValueError):
-            return None  # an agent that has just taken the lock and not yet written its pid
-        return pid if str(_process_start_ticks(pid)) == ticks else None
+            return []  # an agent that has just taken the lock and not yet written its pid
+        return [pid for pid, ticks in pairs if str(_process_start_ticks(pid)) == ticks]
+
+    def agent_holder(self, name: str) -> int | None:
+        """The pid of the service's agent (its supervisor while none runs); None when neither does."""
+        return next(iter(self.agent_processes(name)), None)
 
     def agent_alive(self, name: str) -> bool:
         """True while some process holds the service's agent lock (immune to pid reuse)."""

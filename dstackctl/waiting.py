@@ -17,6 +17,8 @@ from dstackctl.store import Store
 from dstackctl.wording import count_of
 
 AGENT_START_GRACE_SECONDS = 5.0  # a just-started agent needs a moment to take its lock
+# A state that stays stale this long while we wait: its agent is stopped or cannot write.
+STALE_WAIT_SECONDS = 10.0
 
 
 @dataclass
@@ -59,6 +61,7 @@ def _wait(
     deadline = time.monotonic() + timeout
     agent_grace = time.monotonic() + AGENT_START_GRACE_SECONDS
     last: RunView | None = None
+    stale_since: float | None = None
     while True:
         current = view(store, name)
         if current is None:
@@ -66,16 +69,29 @@ def _wait(
         if _changed(last, current):
             on_change(current)
         last = current
-        outcome = verdict(current)
+        stale_for = current.stale_for  # what a hung agent left says nothing about now
+        outcome = verdict(current) if stale_for is None else None
         if outcome is not None:
             return outcome
         if not current.agent_alive and time.monotonic() > agent_grace:
             return Outcome(
                 ExitCode.FAILED, f"the agent of {name} exited; see {store.log_path(name)}", current
             )
+        stale_since = None if stale_for is None else stale_since or time.monotonic()
+        if stale_for is not None and stale_since and time.monotonic() - stale_since > STALE_WAIT_SECONDS:
+            return _stale(store, name, stale_for, current)
         if time.monotonic() >= deadline:
             return timed_out(current)
         time.sleep(poll)
+
+
+def _stale(store: Store, name: str, age: float, current: RunView) -> Outcome:
+    return Outcome(
+        ExitCode.FAILED,
+        f"the agent of {name} has not written its state for {int(age)}s, so whether it is ready is "
+        f"unknown; see {store.log_path(name)}, and `dstackctl stop {name}` then `dstackctl run` again",
+        current,
+    )
 
 
 def _readiness(name: str, current: RunView) -> Outcome | None:
@@ -93,7 +109,8 @@ def _readiness(name: str, current: RunView) -> Outcome | None:
         return Outcome(ExitCode.FAILED, _failure_message(name, failed), current)
     wanted = observed.target_replicas or 0
     ready = [r for r in rows if r.running_and_ready]
-    endpoint_up = current.url is not None or current.spec.endpoint_port is None
+    port = current.spec.endpoint_port  # a moved endpoint is up once it serves on the new port
+    endpoint_up = port is None or (current.url is not None and current.url.endswith(f":{port}"))
     if len(current.replicas) == wanted and len(ready) == wanted and endpoint_up:
         scales = f"; autoscaled within {current.replica_range}" if current.replica_range else ""
         return Outcome(

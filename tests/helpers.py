@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import random
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -118,3 +120,13 @@ def fast_path_of(argv: list[str]) -> tuple[int, str, str] | None:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = run_fast_path(argv)
     return None if code is None else (code, out.getvalue(), err.getvalue())
+
+
+def kill_agent_and_supervisor(store: Any, name: str) -> None:
+    """SIGKILL a service's supervisor, then its agent (the other way round, the supervisor
+    would restart the agent), and wait until the agent lock is free."""
+    processes = store.agent_processes(name)
+    assert len(processes) == 2, f"expected an agent and its supervisor, found {processes}"
+    for pid in reversed(processes):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not store.agent_alive(name), timeout=10, what=f"the killed agent of {name} to let go")

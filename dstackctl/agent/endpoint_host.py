@@ -1,15 +1,22 @@
 """The service endpoint inside the agent: bound at once, served once the first containers exist,
-its rotation fed by the replica book (every phase change is pushed here)."""
+its rotation fed by the replica book (every phase change is pushed here).
+
+A supervised agent takes the listening socket its supervisor kept from the agent before it
+(clients waited in its backlog meanwhile) and hands the supervisor each socket it binds. A new
+local port moves the endpoint: the new socket serves before the old one closes.
+"""
 
 from __future__ import annotations
 
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dstackctl.agent.phases import ReplicaBook, ReplicaState
+from dstackctl.agent.supervisor import HANG_SECONDS, SupervisorLink
 from dstackctl.endpoint_guard import EndpointGuard
 from dstackctl.netutil import EndpointError, listen
 from dstackctl.request_rate import RequestRate
@@ -24,12 +31,19 @@ log = logging.getLogger("dstackctl.agent")
 
 
 class EndpointHost:
-    def __init__(self, name: str, book: ReplicaBook, grace_from: float) -> None:
+    def __init__(
+        self, name: str, book: ReplicaBook, grace_from: float, link: SupervisorLink | None = None
+    ) -> None:
         self._name = name
+        self._link = link
+        self._failed_port: int | None = None
+        self._tick = time.monotonic()  # the endpoint loop's last sign of life
         self._book = book
         self._grace_from = grace_from
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._handover = threading.Lock()  # the listener and the endpoint change together
+        self._starting_on: socket.socket | None = None
         self.endpoint: Endpoint | None = None
         self.url: str | None = None
         self.error: str | None = None
@@ -42,17 +56,57 @@ class EndpointHost:
 
     def bind(self, port: int | None) -> None:
         """Take the endpoint's port at once: from here connections wait in its backlog, and
-        `ps` and `run -d` can give the URL, even before the proxy serves them."""
-        if self._listener is not None or self.error or port is None:
+        `ps` and `run -d` can give the URL, even before the proxy serves them. A different
+        port than the one bound moves the endpoint there."""
+        if port is None or port == self._failed_port or port == self.port:
             return
         try:
-            self._listener = listen(ENDPOINT_HOST, port)
+            listener = self._inherited(port) or self._listen(port)
         except EndpointError as exc:
-            self.error = exc.message
+            self._failed_port, self.error = port, exc.message
             log.error("%s", exc.message)
             return
-        self.url = f"http://{ENDPOINT_HOST}:{port}"
-        log.info("endpoint bound to %s", self.url)
+        self._failed_port, self.error = None, None
+        with self._handover:  # the endpoint may be starting on the old socket
+            old, self._listener = self._listener, listener
+            self.url = f"http://{ENDPOINT_HOST}:{port}"
+            if old is None:
+                log.info("endpoint bound to %s", self.url)
+            elif self.endpoint is not None:
+                self.endpoint.move_to(listener)
+                log.info("endpoint moved to %s", self.url)
+            elif old is not self._starting_on:  # else `_start` moves it once it serves
+                old.close()
+
+    @property
+    def port(self) -> int | None:
+        return self._listener.getsockname()[1] if self._listener is not None else None
+
+    def _inherited(self, port: int) -> socket.socket | None:
+        inherited = self._link.inherited if self._link else None
+        if inherited is None or inherited.getsockname()[1] != port:
+            return None
+        assert self._link is not None
+        self._link.inherited = None
+        log.info("endpoint port %d kept open by the supervisor while the agent restarted", port)
+        return inherited
+
+    def _listen(self, port: int) -> socket.socket:
+        listener = listen(ENDPOINT_HOST, port)
+        if self._link is not None:
+            self._link.keep_listener(listener)
+        return listener
+
+    def responsive(self) -> bool:
+        """False when the endpoint's loop has not run a callback for HANG_SECONDS."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return True
+        endpoint.call_soon(self._ticked)
+        return time.monotonic() - self._tick < HANG_SECONDS
+
+    def _ticked(self) -> None:
+        self._tick = time.monotonic()
 
     def protect(self, required: bool, token: str | None) -> None:
         """Require the service's bearer token (`auth: true`) at the endpoint, or not. A token
@@ -77,6 +131,7 @@ class EndpointHost:
         containers on a small machine."""
         if self._thread is not None or self._listener is None:
             return
+        self._starting_on = self._listener
         self._thread = threading.Thread(
             target=self._start, args=(self._listener,), name="endpoint-start", daemon=True
         )
@@ -121,7 +176,12 @@ class EndpointHost:
             self.error = exc.message
             log.error("%s", exc.message)
             return
-        self.endpoint = endpoint
+        self._tick = time.monotonic()
+        with self._handover:
+            self.endpoint = endpoint
+            current = self._listener
+            if current is not None and current is not listener:  # the port changed meanwhile
+                endpoint.move_to(current)
         self._book.apply_rotation(endpoint.set_upstreams)
         log.info("endpoint serving on %s", endpoint.url)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -57,10 +58,13 @@ class LogKeeper:
                 self._threads[replica.id] = thread
                 thread.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 0.5) -> None:
+        """Stop following; a follower blocked on a quiet container is left behind (a daemon
+        thread) after `timeout` in all, so that `stop` does not wait on every replica in turn."""
         self._stop.set()
+        deadline = time.monotonic() + timeout
         for thread in list(self._threads.values()):
-            thread.join(2)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _copy(self, engine: DockerEngine, replica: Replica) -> None:
         path = self._folder / file_name(

@@ -1,5 +1,6 @@
 """The agent as a process: started detached by the CLI (forked or spawned), stopped by
-`stop`, and its entry point (`python -m dstackctl.agent NAME --home HOME`).
+`stop`, and its entry point (`python -m dstackctl.agent NAME --home HOME`), which is the
+agent's supervisor: it forks the agent and restarts it when it dies or hangs.
 
 Importing this module is cheap: the agent's own modules load only in the agent process.
 """
@@ -7,6 +8,7 @@ Importing this module is cheap: the agent's own modules load only in the agent p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -14,8 +16,13 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dstackctl.store import Store
+
+if TYPE_CHECKING:
+    from dstackctl.agent.endpoint_host import EndpointHost
+    from dstackctl.agent.supervisor import SupervisorLink
 
 AGENT_MODULE = "dstackctl.agent"
 log = logging.getLogger("dstackctl.agent")
@@ -111,15 +118,15 @@ def _open_log(store: Store, name: str) -> int:
 
 
 def stop_agent(store: Store, name: str, timeout: float = 5.0) -> None:
-    """SIGTERM the agent, SIGKILL it when it has not exited within `timeout`."""
-    pid = store.agent_holder(name)
-    if pid is None:
-        return
+    """SIGTERM the agent's supervisor (which stops the agent), or the agent where it runs
+    unsupervised; SIGKILL both when they have not exited within `timeout`."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+        pids = store.agent_processes(name)
+        if not pids:
             return
+        for pid in pids if sig == signal.SIGKILL else pids[-1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if not store.agent_alive(name):
@@ -152,12 +159,34 @@ def _set_title(title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The supervisor: holds the agent lock and keeps an agent running (agent/supervisor.py)."""
     parser = argparse.ArgumentParser(prog=AGENT_MODULE)
     parser.add_argument("name")
     parser.add_argument("--home", required=True)
     args = parser.parse_args(argv)
-    _set_title(f"dstackctl-agent {args.name} --home {args.home}")
+    _set_title(f"dstackctl-agent {args.name} --home {args.home} (supervisor)")
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _raise_open_file_limit()
+    # Imported before the first fork: a restarted agent starts without importing anything.
+    from dstackctl.agent import service_agent  # noqa: F401
+    from dstackctl.agent.supervisor import Supervisor
+
+    store = Store(Path(args.home))
+    with store.agent_lock(args.name) as held:
+        if not held:
+            log.info("another agent already runs %s; this one exits", args.name)
+            return 0
+        supervisor = Supervisor(args.name, lambda link: _run_agent(store, args.name, link), _import_endpoint)
+        return supervisor.run(on_agent=lambda pid: store.note_agent(args.name, pid))
+
+
+def _import_endpoint() -> None:
+    import dstackctl.proxy  # noqa: F401
+
+
+def _run_agent(store: Store, name: str, link: SupervisorLink) -> int:
+    """The agent, in the supervisor's forked child."""
+    _set_title(f"dstackctl-agent {name} --home {store.home}")
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -166,11 +195,22 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    _raise_open_file_limit()
     from dstackctl.agent.service_agent import ServiceAgent
 
+    agent = ServiceAgent(store, name, stop, link=link)
+    threading.Thread(target=_beat, args=(link, agent.endpoint), name="heartbeat", daemon=True).start()
     try:
-        return ServiceAgent(Store(Path(args.home)), args.name, stop).run()
+        return agent.run(lock_held=True)
     except Exception:
         log.exception("agent crashed")
         return 1
+
+
+def _beat(link: SupervisorLink, endpoint: EndpointHost) -> None:
+    """Tell the supervisor this agent lives, for as long as its endpoint's loop does."""
+    from dstackctl.agent.supervisor import HEARTBEAT_SECONDS
+
+    while not link.lost:
+        if endpoint.responsive():
+            link.beat()
+        time.sleep(HEARTBEAT_SECONDS)

@@ -10,7 +10,6 @@ it finds and carries on with an unfinished rollout. It never prints; it logs to 
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -21,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dstackctl.agent.autoscaler import Autoscaler
 from dstackctl.agent.desired import Deployment, Desired, DesiredReader
 from dstackctl.agent.endpoint_host import EndpointHost
+from dstackctl.agent.left_state import LeftState
 from dstackctl.agent.log_keeper import LogKeeper
 from dstackctl.agent.phases import (
     EXITED_STATES,
@@ -38,14 +38,14 @@ from dstackctl.agent.rollout_plan import Observed, Slot, Target, plan, slot_name
 from dstackctl.agent.rollouts import RolloutMonitor
 from dstackctl.agent.router_workers import RouterWorkers
 from dstackctl.agent.row_lookups import RowLookups
+from dstackctl.agent.supervisor import SupervisorLink
 from dstackctl.docker import DockerEngine, DockerError
 from dstackctl.kept_logs import LOGS_DIR
 from dstackctl.labels import service_labels
 from dstackctl.probes import ProbeRunner
 from dstackctl.replica import Replica
 from dstackctl.replica_spec import stop_grace_seconds
-from dstackctl.status import ObservedState
-from dstackctl.store import STATE, Store, StoreError
+from dstackctl.store import Store, StoreError
 
 POLL_SECONDS = 0.5
 
@@ -59,6 +59,7 @@ class ServiceAgent:
         name: str,
         stop: threading.Event | None = None,
         engine: DockerEngine | None = None,
+        link: SupervisorLink | None = None,
     ) -> None:
         self.store = store
         self.name = name
@@ -69,7 +70,7 @@ class ServiceAgent:
         )
         self.book = ReplicaBook()
         self.facts = Facts()
-        self.endpoint = EndpointHost(name, self.book, grace_from=time.monotonic())
+        self.endpoint = EndpointHost(name, self.book, grace_from=time.monotonic(), link=link)
         self.provisioner = Provisioner(store.home, self.book, on_pull=self.endpoint.start_soon)
         sources = RowLookups(lambda: self.engine, lambda: self._desired, self.provisioner)
         self.publisher = StatusPublisher(store, name, self.book, self.facts, sources)
@@ -85,10 +86,14 @@ class ServiceAgent:
         self._first_failure: dict[ReplicaKey, float] = {}
         self._wake = threading.Event()  # a request waits for a replica: reconcile now
         self.autoscaler: Autoscaler | None = None
+        self._left = LeftState(store, name)  # what the previous agent published
 
     # --- process ------------------------------------------------------------------------
 
-    def run(self) -> int:
+    def run(self, lock_held: bool = False) -> int:
+        """Reconcile until stopped; `lock_held`: the caller (the supervisor) holds the agent lock."""
+        if lock_held:
+            return self._run_locked()
         with self.store.agent_lock(self.name) as held:
             if not held:
                 log.info("another agent already runs %s; this one exits", self.name)
@@ -100,7 +105,7 @@ class ServiceAgent:
         if self.store.remove_leftover_temp_files(self.name):
             log.info("removed temporary files of interrupted writes")
         # A restart carries on with the rollout (or stays rolled back).
-        self.rollouts = RolloutMonitor(self._left_state.rollout)
+        self.rollouts = RolloutMonitor(self._left.rollout)
         self.runner = ProbeRunner(on_change=self._probe_changed)
         publisher = threading.Thread(
             target=self.publisher.run, args=(self.stop,), name="publisher", daemon=True
@@ -115,14 +120,6 @@ class ServiceAgent:
             self.logs.close()
             self.endpoint.close()
             publisher.join(1.0)
-
-    @functools.cached_property
-    def _left_state(self) -> ObservedState:
-        """state.json as the previous agent left it (rollout, autoscaled counts), read once."""
-        try:
-            return ObservedState.from_json(self.store.read(self.name, STATE) or {})
-        except StoreError:
-            return ObservedState.from_json({})
 
     def _reconcile_until_stopped(self) -> int:
         while not self.stop.is_set():
@@ -202,9 +199,7 @@ class ServiceAgent:
     def _scaled(self, desired: Desired, target: Deployment) -> Deployment:
         """The target with the counts the autoscaler decides for its autoscaled groups."""
         if self.autoscaler is None:
-            left = self._left_state  # its counts, unless it ran another run of this name
-            restored = left.scaling if left.run_id == desired.spec.run_id else {}
-            self.autoscaler = Autoscaler(self.endpoint.rate, restored)
+            self.autoscaler = Autoscaler(self.endpoint.rate, self._left.scaling(desired.spec.run_id))
         scaled = self.autoscaler.apply(target, holding=self.rollouts.active)
         self.facts.scaling = self.autoscaler.groups
         hold = desired.spec.wake_timeout if self.autoscaler.can_idle else 0
@@ -268,7 +263,8 @@ class ServiceAgent:
             address = None
             if replica.ip_address:
                 address = (replica.ip_address, replica.container_port or target.config.port.container_port)
-            self.runner.watch(replica.id, "127.0.0.1", replica.host_port, probes, urls, address)
+            carried = self._left.ready_probes(replica.id, desired.spec.run_id)
+            self.runner.watch(replica.id, "127.0.0.1", replica.host_port, probes, urls, address, carried)
 
     def _probe_changed(self, container_id: str) -> None:
         snapshot = self.runner.snapshot(container_id) if self.runner else None

@@ -168,8 +168,9 @@ def _start(
     if spec is None or spec.get("desired") != "running":
         gpu_plan(loaded, engine)  # fail before starting anything when the GPUs are not there
     else:
-        _warn_if_port_changes(spec, endpoint_port(loaded, port))
-        if not _confirm_changes(store, loaded, service, env_values, options.yes) and options.force:
+        confirmed = _confirm_changes(store, loaded, service, env_values, options.yes)
+        _move_endpoint(store, service, endpoint_port(loaded, port))
+        if not confirmed and options.force:
             return _restart(store, loaded, service, env_values, seconds, no_wait)
     submitted = submit(store, loaded, service, env_values, port, seconds)
     if submitted.agent_restarted:
@@ -253,13 +254,12 @@ def _wait_until_ready(store: Any, service: str, seconds: int, action: str) -> in
     return None
 
 
-def _warn_if_port_changes(spec: dict[str, Any], wanted: int) -> None:
-    current = spec.get("endpoint_port")
-    if current is not None and current != wanted:
-        warn(
-            f"the endpoint of {spec.get('name')} keeps port {current}; to move it to {wanted}, "
-            f"stop the service and run it again"
-        )
+def _move_endpoint(store: Any, name: str, port: int) -> None:
+    from dstackctl.deploy import move_endpoint
+
+    old = move_endpoint(store, name, port)
+    if old is not None:
+        typer.echo(f"{name}: moving the endpoint from port {old} to {port}.", err=True)
 
 
 def redeploy(
@@ -324,7 +324,7 @@ def _roll_out_file(
 
     loaded, env_values = _load(config, env)
     release = Release.of(loaded, env_values)
-    _warn_if_port_changes(data, endpoint_port(loaded, None))
+    _move_endpoint(store, name, endpoint_port(loaded, None))
     now = serving(store, name, SpecDocument.from_json(data)).record
     if release.config_hash == now.config_hash and release.replicas != now.replicas:
         submit(store, loaded, name, env_values, None, seconds)

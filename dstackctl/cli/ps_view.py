@@ -15,7 +15,6 @@ def _err(message: str) -> None:
 
 
 WATCH_SECONDS = 1.0
-STALE_STATE_SECONDS = 10.0  # the agent rewrites its state every 2 s (publishing.HEARTBEAT_SECONDS)
 
 
 def watch_runs(show: Callable[[], int], interval: float = WATCH_SECONDS) -> int:
@@ -65,8 +64,8 @@ def show_runs(
                 f"warning: the agent of {run_view.name} is not running, so its endpoint is down; "
                 f"`dstackctl run` of its file or `dstackctl redeploy {run_view.name}` restarts it"
             )
-        age = run_view.state_age
-        if run_view.active and run_view.agent_alive and age is not None and age > STALE_STATE_SECONDS:
+        age = run_view.stale_for
+        if age is not None:
             _err(
                 f"warning: the state of {run_view.name} is {int(age)}s old: its agent has not written "
                 f"it since (stopped, overloaded, or a full disk or read-only folder); what ps shows may "

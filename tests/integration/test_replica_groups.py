@@ -8,15 +8,13 @@ exports its own DEPLOYMENT_TAG before it starts httpd, so an answer says which g
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from helpers import cli, free_port, ps_run, wait_until
+from helpers import cli, free_port, kill_agent_and_supervisor, ps_run, wait_until
 
 from dstackctl.labels import home_label
 from dstackctl.store import Store
@@ -93,10 +91,7 @@ def test_two_groups_serve_show_in_ps_and_a_redeploy_replaces_only_the_changed_gr
 
     # A lost record is rebuilt from the containers' labels, groups and all.
     store = Store(dstack_home)
-    agent = store.agent_holder("duo")
-    assert agent is not None
-    os.kill(agent, signal.SIGKILL)
-    wait_until(lambda: not store.agent_alive("duo"), timeout=10, what="the killed agent to let go")
+    kill_agent_and_supervisor(store, "duo")
     (store.service_dir("duo") / "spec.json").unlink()
     assert cli(capsys, "recover", "duo").code == 0
 

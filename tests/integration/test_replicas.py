@@ -8,8 +8,6 @@ removes every container carrying that home's label.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import stat
 import uuid
 from pathlib import Path
@@ -17,7 +15,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import cli, ps_run, wait_until, write_service
+from helpers import cli, kill_agent_and_supervisor, ps_run, wait_until, write_service
 
 from dstackctl.labels import home_label
 from dstackctl.store import Store
@@ -122,8 +120,7 @@ def test_restarted_agent_adopts_the_containers_without_duplicating_them(
     old_pid = store.agent_holder("phoenix")
     assert old_pid is not None
 
-    os.kill(old_pid, signal.SIGKILL)
-    wait_until(lambda: not store.agent_alive("phoenix"), timeout=10, what="the killed agent to let go")
+    kill_agent_and_supervisor(store, "phoenix")
     result = cli(capsys, "run", "-d", "--timeout", "60s", path)
 
     assert result.code == 0, result.err
