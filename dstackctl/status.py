@@ -132,6 +132,9 @@ class RolloutStatus:
     reason: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    # (group, replica) of the previous deployment's replicas in rotation when the rollout
+    # began; None when not known (then a rollback must make every replica ready).
+    serving_at_start: tuple[tuple[str, int], ...] | None = None
 
     @property
     def active(self) -> bool:
@@ -149,7 +152,11 @@ class RolloutStatus:
     def from_json(cls, data: dict[str, Any] | None) -> RolloutStatus | None:
         if not data or "state" not in data:
             return None
-        return cls(**_known(cls, data))
+        known = _known(cls, data)
+        serving = known.get("serving_at_start")
+        if serving is not None:
+            known["serving_at_start"] = tuple((str(group), int(num)) for group, num in serving)
+        return cls(**known)
 
 
 @dataclass(frozen=True)

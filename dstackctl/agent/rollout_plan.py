@@ -58,6 +58,12 @@ class Plan:
     """Old replicas still serve: replacing them one at a time."""
     complete: bool = False
     """Every replica is at the target and ready, and nothing old is left."""
+    in_place: bool = False
+    """Every slot has a replica of the target, ready or not (exited too), and nothing old is left."""
+    unready: list[Slot] = field(default_factory=list)
+    """Slots of the target whose replica is there but not ready (not yet, or exited)."""
+    serving_old: list[Slot] = field(default_factory=list)
+    """Slots of old replicas that serve (a rollout notes them when it begins)."""
 
 
 def _preference(replica: Observed) -> tuple[bool, bool, bool, str]:
@@ -79,13 +85,15 @@ def plan(target: Target, observed: list[Observed], create_failed: set[Slot]) -> 
     result.remove += [r.key for r in observed if not r.owned and not r.ready]
     missing = [slot for slot in target.slots if slot not in kept and slot not in create_failed]
     result.failed = sorted([slot for slot, r in kept.items() if r.failed] + list(create_failed))
+    result.unready = sorted(slot for slot, r in kept.items() if not r.ready)
+    result.serving_old = sorted(r.slot for r in old_serving)
 
     if not old_serving:
         result.create = missing
         # A rollout's deadline holds also when nothing old serves (it was not ready either).
         result.waiting_for = [r.key for r in kept.values() if not r.ready and not r.failed]
-        result.complete = len(kept) == len(wanted) and all(r.ready for r in kept.values())
-        result.complete = result.complete and not result.remove and not result.drain
+        result.in_place = len(kept) == len(wanted) and not result.remove and not result.drain
+        result.complete = result.in_place and not result.unready
         return result
 
     result.rolling = True

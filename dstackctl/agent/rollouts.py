@@ -71,8 +71,18 @@ class RolloutMonitor:
         status = self.status
         if status is None or not status.active or status.to_deployment != desired.current.number:
             return
+        if status.serving_at_start is None and status.state == "in_progress":
+            status = self.status = replace(status, serving_at_start=tuple(steps.serving_old))
         if steps.complete:
             self._finish("done" if status.state == "in_progress" else "rolled_back")
+            return
+        if status.state == "rolling_back" and _restored_as_before(steps, status.serving_at_start):
+            names = ", ".join(slot_name(slot) for slot in steps.unready)
+            self._finish(
+                "rolled_back",
+                f"{status.reason}; deployment {status.from_deployment} is back as it was, "
+                f"{names} not ready (not ready before the rollout either)",
+            )
             return
         timeout = desired.spec.rollout.timeout if desired.spec.rollout else 0
         failure = self._failure(steps, status.serving_deployment, timeout, why_failed, why_waiting)
@@ -111,3 +121,11 @@ class RolloutMonitor:
             self.status, state=state, reason=reason or self.status.reason, finished_at=utc_now()
         )
         self._waiting_since.clear()
+
+
+def _restored_as_before(steps: Plan, serving_at_start: tuple[Slot, ...] | None) -> bool:
+    """The rollback has put back every replica of the previous deployment, and those that were
+    in rotation when the rollout began are ready again: the others were not ready then either."""
+    if serving_at_start is None or not steps.in_place:
+        return False
+    return not set(steps.unready) & set(serving_at_start)
