@@ -28,14 +28,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 
 from dstackctl.agent.desired import Deployment
 from dstackctl.config.groups import DEFAULT_SCALING_WINDOW, ReplicaGroup
 from dstackctl.config.units import format_duration
 from dstackctl.request_rate import RequestRate
 from dstackctl.status import GroupScaling
-from dstackctl.timeutil import parse_utc
+from dstackctl.timeutil import parse_utc, utc_at
 from dstackctl.wording import decimal
 
 log = logging.getLogger("dstackctl.agent")
@@ -160,7 +159,7 @@ class Autoscaler:
                 target=rule.target,
                 window=rule.window,
                 rps=round(requests / rule.window, 2),
-                last_scaled_at=_iso(self._last_scaled),
+                last_scaled_at=utc_at(self._last_scaled),
                 pending=decision.pending or None,
             )
         self.groups = published
@@ -171,10 +170,6 @@ class Autoscaler:
             for name, target in deployment.groups.items()
         }
         return replace(deployment, groups=groups)
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _epoch(text: str) -> float | None:
