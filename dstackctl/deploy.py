@@ -3,7 +3,6 @@ the service's agent runs. Rollouts are requested here and carried out by the age
 
 from __future__ import annotations
 
-import contextlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -13,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from dstackctl.agent.process import start_agent
 from dstackctl.config.loader import LoadedConfig
+from dstackctl.endpoint_port import check_port_free, endpoint_port
 from dstackctl.errors import DstackctlError, NoSuchService, UsageError
 from dstackctl.replica_spec import PROBE_VALUE_PREFIX, config_hash
 from dstackctl.service_token import keep_token
 from dstackctl.spec_document import DEFAULT_ROLLOUT_TIMEOUT, DeploymentRecord, RolloutRequest, SpecDocument
 from dstackctl.status import ObservedState
-from dstackctl.store import SECRETS, SPEC, STATE, Store, StoreError
+from dstackctl.store import SECRETS, SPEC, STATE, Store
 from dstackctl.timeutil import utc_now
 
 if TYPE_CHECKING:
@@ -109,12 +109,6 @@ def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[tuple[st
             taken.update(g.uuid for g in chosen)
             result.append((name, num, chosen))
     return result
-
-
-def endpoint_port(loaded: LoadedConfig, override: int | None) -> int:
-    """`--port`, else the local part of `port: LOCAL:CONTAINER`, else the container port."""
-    port = loaded.config.port
-    return override or port.local_port or port.container_port
 
 
 @dataclass
@@ -266,7 +260,7 @@ def _start(
 ) -> Submitted:
     port = endpoint_port(loaded, port_override)
     try:
-        _check_port_free(store, name, port)
+        check_port_free(store, name, port)
     except DstackctlError:
         store.discard_if_unused(name)
         raise
@@ -293,42 +287,6 @@ def _start(
         store.write(name, SPEC, spec.to_json())
     start_agent(store, name)
     return Submitted(name, "started")
-
-
-def _check_port_free(store: Store, name: str, port: int) -> None:
-    from dstackctl.netutil import port_is_free
-
-    if not port_is_free("127.0.0.1", port):
-        holder = next((other for other in _endpoint_holders(store, port) if other != name), None)
-        who = f"the endpoint of {holder} (dstackctl)" if holder else "another program"
-        raise DstackctlError(
-            f"port {port} on 127.0.0.1 is in use by {who}, and {name}'s endpoint needs it; "
-            f"choose another with --port or `port: LOCAL:CONTAINER`"
-        )
-
-
-def move_endpoint(store: Store, name: str, port: int) -> int | None:
-    """Ask the agent to move the running service's endpoint to `port` (it serves on the new
-    port before it closes the old one); returns the old port, None when it had `port` already."""
-    with store.lock(name):
-        data = store.read(name, SPEC) or {}
-        old = data.get("endpoint_port")
-        if old is None or old == port:
-            return None
-        _check_port_free(store, name, port)
-        store.write(name, SPEC, {**data, "endpoint_port": port})
-    return int(old)
-
-
-def _endpoint_holders(store: Store, port: int) -> list[str]:
-    """Running services of this store whose endpoint has `port`."""
-    holders = []
-    for other in store.names():
-        with contextlib.suppress(StoreError):
-            spec = store.read(other, SPEC) or {}
-            if spec.get("desired") == "running" and spec.get("endpoint_port") == port:
-                holders.append(other)
-    return holders
 
 
 def ensure_agent(store: Store, name: str) -> bool:

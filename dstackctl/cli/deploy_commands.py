@@ -157,8 +157,9 @@ def _load(path: Path, env: list[str]) -> tuple[LoadedConfig, dict[str, str]]:
 def _start(
     loaded: LoadedConfig, service: str, env_values: dict[str, str], seconds: int, options: _Options
 ) -> int:
-    from dstackctl.deploy import endpoint_port, gpu_plan, submit
+    from dstackctl.deploy import gpu_plan, submit
     from dstackctl.docker import DockerEngine
+    from dstackctl.endpoint_port import endpoint_port
     from dstackctl.store import Store
 
     engine = DockerEngine.connect()
@@ -255,7 +256,7 @@ def _wait_until_ready(store: Any, service: str, seconds: int, action: str) -> in
 
 
 def _move_endpoint(store: Any, name: str, port: int) -> None:
-    from dstackctl.deploy import move_endpoint
+    from dstackctl.endpoint_port import move_endpoint
 
     old = move_endpoint(store, name, port)
     if old is not None:
@@ -319,7 +320,8 @@ def _roll_out_file(
 ) -> tuple[Release, int | None]:
     """Start the rollout of a new file; the deployment is None when only `replicas` changed,
     which scales in place."""
-    from dstackctl.deploy import Release, endpoint_port, serving, start_rollout, submit
+    from dstackctl.deploy import Release, serving, start_rollout, submit
+    from dstackctl.endpoint_port import endpoint_port
     from dstackctl.spec_document import SpecDocument
 
     loaded, env_values = _load(config, env)
