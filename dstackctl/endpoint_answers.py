@@ -56,3 +56,8 @@ def refused_method(method: str) -> web.Response:
 
 def bad_gateway(reason: str) -> web.Response:
     return json_response(502, {"error": reason})
+
+
+def gateway_timeout(read_timeout: float) -> web.Response:
+    reason = f"the replica sent no answer for {read_timeout:g}s"
+    return json_response(504, {"error": reason, "read_timeout_seconds": read_timeout})

@@ -43,6 +43,8 @@ _METHODS_WITH_LENGTH = frozenset({"POST", "PUT", "PATCH"})
 # again when the pooled connection it went out on turns out to be closed by the replica.
 REPLAY_LIMIT_BYTES = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# As dstack's gateway (nginx) does for WebSockets: Upgrade and Connection go on to the replica.
+_WEBSOCKET_UPGRADE = b"Upgrade: websocket\r\nConnection: upgrade\r\n"
 _HOST = UPSTREAM_HOST.encode()
 
 
@@ -53,7 +55,7 @@ class OutgoingRequest:
     sent again at no cost) or streamed from the client as it arrives (`stream`).
     """
 
-    __slots__ = ("_head", "body", "expects_continue", "head_only", "stream")
+    __slots__ = ("_head", "body", "expects_continue", "head_only", "stream", "upgrade")
 
     def __init__(self, request: web.BaseRequest) -> None:
         self.head_only = request.method == "HEAD"
@@ -61,11 +63,14 @@ class OutgoingRequest:
         self.expects_continue = (
             self.stream is not None and request.headers.get("Expect", "").lower() == "100-continue"
         )
+        options = connection_options(request.headers)
+        self.upgrade = "upgrade" in options and request.headers.get("Upgrade", "").lower() == "websocket"
         self._head = b"".join(
             (
                 b"%s %s HTTP/1.1\r\n" % (request.method.encode(), _origin_form(request.raw_path)),
-                forwarded_headers(request.raw_headers, connection_options(request.headers), request.remote),
+                forwarded_headers(request.raw_headers, options, request.remote),
                 framing,
+                _WEBSOCKET_UPGRADE if self.upgrade else b"",
             )
         )
 

@@ -6,14 +6,15 @@ routing table (`set_upstreams`) whenever readiness changes and drains a replica
 server-sent events reach the client chunk by chunk. Requests go to the replicas over kept-alive
 connections (upstream_pool.py); one that could not be made is retried on another replica,
 and a request that met a pooled connection the replica had just closed is sent again on a new
-one. With no ready replica the answer is 503 with a short JSON reason.
+one. With no ready replica the answer is 503 with a short JSON reason. A replica silent for the
+read timeout gets a 504; one that real requests found dead or hung leaves the rotation
+(upstream_health.py); a client that leaves cancels its request (client_connections.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import itertools
 import logging
 import socket
@@ -21,85 +22,31 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
-from aiohttp import client_exceptions, http_exceptions, web, web_server
-from aiohttp.http import RawResponseMessage
-from aiohttp.streams import StreamReader
+from aiohttp import web
 
+from dstackctl.client_connections import ClientServer, LimitedLog
 from dstackctl.endpoint_answers import (
     bad_gateway,
-    broken_answer,
-    is_small,
+    gateway_timeout,
     json_response,
     not_woken,
     refused_method,
     unavailable,
 )
 from dstackctl.endpoint_guard import EndpointGuard
-from dstackctl.forwarding import CONTINUE, REFUSED_METHODS, OutgoingRequest, drop_hop_by_hop
+from dstackctl.endpoint_limits import EndpointLimits
+from dstackctl.forwarding import CONTINUE, REFUSED_METHODS, OutgoingRequest
 from dstackctl.netutil import BACKLOG, EndpointError, listen
 from dstackctl.request_rate import RequestRate
-from dstackctl.upstream_pool import UpstreamConnection, UpstreamPool
+from dstackctl.upstream_exchange import BadGateway, ClosedUnanswered, Forwarder, Unreachable, UpstreamTimeout
+from dstackctl.upstream_health import Ejections
+from dstackctl.upstream_pool import UpstreamPool
 
 log = logging.getLogger("dstackctl.proxy")
 
 # Right after an agent starts (a new or restarted one) the first probe results are still on
 # their way: until this long after its start, requests wait for a ready replica before a 503.
 STARTUP_GRACE_SECONDS = 5.0
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
-# What reading an answer raises when the replica's connection broke or the answer was garbled.
-_UPSTREAM_ERRORS = (client_exceptions.ClientError, http_exceptions.HttpProcessingError, OSError)
-
-
-class _Unreachable(Exception):
-    """No connection could be made to the replica: nothing was sent."""
-
-    def __init__(self, error: BaseException) -> None:
-        super().__init__(str(error))
-        self.out_of_fds = isinstance(error, OSError) and error.errno in _OUT_OF_FDS
-
-
-class _ClosedUnanswered(Exception):
-    """The replica closed the connection (or reset it) before any byte of an answer."""
-
-
-class _BadGateway(Exception):
-    """The replica's answer was broken; the message says how."""
-
-
-class _Exchange:
-    """A request sent to a replica on `connection`, whose answer head has arrived."""
-
-    __slots__ = ("connection", "message", "payload", "upload")
-
-    def __init__(
-        self,
-        connection: UpstreamConnection,
-        upload: asyncio.Task[None] | None,
-        answer: tuple[RawResponseMessage, StreamReader],
-    ) -> None:
-        self.connection = connection
-        self.upload = upload  # the rest of a streamed request body, still being sent
-        self.message, self.payload = answer
-
-    @property
-    def request_sent(self) -> bool:
-        upload = self.upload
-        return upload is None or (upload.done() and not upload.cancelled() and upload.exception() is None)
-
-    def end(self, pool: UpstreamPool) -> None:
-        """Give the connection back: pooled when request and answer both went through whole."""
-        reusable = self.request_sent and self.payload.is_eof()
-        if self.upload is not None:
-            self.upload.cancel()
-        pool.release(self.connection, reusable)
-
-
-async def _stopped(upload: asyncio.Task[None] | None) -> None:
-    """Cancel `upload` and wait until it ended, so the body can be read again from the start."""
-    if upload is None:
-        return
-    upload.cancel()
-    await asyncio.wait({upload})
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -120,6 +67,7 @@ class Endpoint:
         grace_from: float | None = None,
         rate: RequestRate | None = None,
         guard: EndpointGuard | None = None,
+        limits: EndpointLimits | None = None,
     ) -> None:
         self.service = service
         self.guard = guard or EndpointGuard(service, host)  # the Host check; the token when auth is on
@@ -128,7 +76,11 @@ class Endpoint:
         self._listener = listener  # bound with netutil.listen
         # The startup grace counts from here (a time.monotonic()): the agent's start.
         self._grace_from = time.monotonic() if grace_from is None else grace_from
-        self._upstreams: list[tuple[str, int]] = []
+        self._limits = (limits or EndpointLimits()).within_open_file_limit()
+        self._table: list[tuple[str, int]] = []  # as the agent set it, less drained replicas
+        self._upstreams: list[tuple[str, int]] = []  # the rotation: the table less ejected replicas
+        self._ejections = Ejections(self._limits.eject_after_failures)
+        self._out_of_fds = LimitedLog(f"endpoint {service} is out of file descriptors")
         self._rotation = itertools.count()
         self._inflight: dict[str, int] = {}
         self._idle: dict[str, asyncio.Event] = {}
@@ -138,6 +90,7 @@ class Endpoint:
         self._startup_error: BaseException | None = None
         self._runner: web.ServerRunner | None = None
         self._pool: UpstreamPool | None = None
+        self._forwarder: Forwarder | None = None
         self._grace_until = 0.0
         self._changed: asyncio.Event | None = None
         self.rate = rate or RequestRate()
@@ -191,6 +144,16 @@ class Endpoint:
     def inflight(self, key: str) -> int:
         return self._inflight.get(key, 0)
 
+    def ejected(self) -> set[str]:
+        """The replicas taken out of rotation for failed requests, until `readmit`."""
+        return self._ejections.ejected()
+
+    def readmit(self, key: str) -> None:
+        """Put an ejected replica back in rotation (its probe passed since)."""
+        if self._ejections.readmit(key):
+            log.info("endpoint %s: replica %s is back in rotation", self.service, key)
+            self._loop.call_soon_threadsafe(lambda: self._route(self._table))
+
     # --- inside the loop ----------------------------------------------------------------
 
     def _serve(self) -> None:
@@ -211,7 +174,8 @@ class Endpoint:
 
     async def _startup(self) -> None:
         self._pool = UpstreamPool(self._loop)
-        server = web_server.Server(self._handle, access_log=None)
+        self._forwarder = Forwarder(self._pool, self._limits.read_timeout)
+        server = ClientServer(self._handle, self._limits, self.service, access_log=None)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
         assert self._listener is not None
@@ -234,12 +198,32 @@ class Endpoint:
             self._changed = asyncio.Event()
 
     def _route(self, table: list[tuple[str, int]]) -> None:
-        self._upstreams = table
+        self._table = table
+        self._ejections.keep_only([key for key, _ in table])
+        rotation = [u for u in table if not self._ejections.is_ejected(u[0])]
+        if table and not rotation:  # ejected ones are better than none
+            log.warning("endpoint %s: ejected replicas back in rotation: no other one is ready", self.service)
+            self._ejections.keep_only(())
+            rotation = table
+        self._upstreams = rotation
         if self._pool is not None:
-            self._pool.route_to([port for _, port in table])
+            self._pool.route_to([port for _, port in rotation])
+
+    def _failed(self, key: str, why: str) -> None:
+        """A request to `key` failed as a dead or hung replica's do: eject it after a few."""
+        if all(k != key for k, _ in self._upstreams):
+            return  # drained or ejected already
+        in_a_row = self._ejections.failed(key, len(self._upstreams))
+        if in_a_row:
+            log.warning(
+                "endpoint %s: replica %s out of rotation after %d failed requests in a row (the last: %s);"
+                " it comes back when its probe passes",
+                *(self.service, key, in_a_row, why),
+            )
+            self._route(self._table)
 
     async def _drain(self, key: str, timeout: float) -> bool:
-        self._route([u for u in self._upstreams if u[0] != key])
+        self._route([u for u in self._table if u[0] != key])
         if not self._inflight.get(key):
             return True
         idle = self._idle.setdefault(key, asyncio.Event())
@@ -268,8 +252,14 @@ class Endpoint:
         return max(self._grace_until, self._loop.time() + self._hold)
 
     def _pick(self, tried: set[str]) -> tuple[str, int] | None:
+        """The replica with the fewest requests in flight (a hung one gathers them), in turn
+        among equals."""
         candidates = [u for u in self._upstreams if u[0] not in tried] if tried else self._upstreams
-        if not candidates:
+        if len(candidates) > 1:
+            inflight = self._inflight
+            fewest = min(inflight.get(key, 0) for key, _ in candidates)
+            candidates = [u for u in candidates if inflight.get(u[0], 0) == fewest]
+        elif not candidates:
             return None
         return candidates[next(self._rotation) % len(candidates)]
 
@@ -303,95 +293,40 @@ class Endpoint:
                 if not tried and self._hold > 0:
                     return not_woken(self.service, self._hold)
                 return unavailable(self.service, retried=bool(tried))
-            key, port = upstream
-            self._inflight[key] = self._inflight.get(key, 0) + 1
-            try:
-                exchange = await self._send(outgoing, port)
-                return await self._relay(request, exchange)
-            except _Unreachable as exc:
-                if exc.out_of_fds:
-                    log.error("endpoint %s is out of file descriptors", self.service)
-                    return json_response(503, {"error": "the endpoint is out of file descriptors"})
-                tried.add(key)  # nothing was sent: safe to try another replica
-            except _ClosedUnanswered:
-                # The replica went away before answering (a crash, a reset). Without a body
-                # nothing is lost by asking another replica; one that had a body may have
-                # acted on it already, so it is not sent to a second replica.
-                if outgoing.has_body:
-                    return bad_gateway("the replica closed the connection")
-                tried.add(key)
-            except _BadGateway as exc:
-                return bad_gateway(str(exc))
-            finally:
-                self._release(key)
+            answer = await self._forward(request, outgoing, *upstream)
+            if answer is not None:
+                return answer
+            tried.add(upstream[0])  # nothing reached that replica: another one may answer
 
-    async def _send(self, outgoing: OutgoingRequest, port: int) -> _Exchange:
-        """Send `outgoing` to the replica at `port` and wait for the head of its answer."""
-        assert self._pool is not None
-        connection = self._pool.take_idle(port) or await self._open(port)
-        try:
-            return await self._exchange(connection, outgoing)
-        except _ClosedUnanswered:
-            if not (connection.reused and outgoing.replayable):
-                raise
-        # The replica closed that idle connection as it was being reused (its keep-alive
-        # timeout, a restart): the request never reached it, so send it again on a new one.
-        return await self._exchange(await self._open(port), outgoing)
+    async def _forward(
+        self, request: web.BaseRequest, outgoing: OutgoingRequest, key: str, port: int
+    ) -> web.StreamResponse | None:
+        """The answer of replica `key` (at `port`), or None when another replica should be asked.
 
-    async def _open(self, port: int) -> UpstreamConnection:
-        assert self._pool is not None
+        A client that leaves cancels this (aiohttp's handler_cancellation): the replica's
+        connection is closed and the request is never sent elsewhere.
+        """
+        assert self._forwarder is not None
+        self._inflight[key] = self._inflight.get(key, 0) + 1
         try:
-            return await self._pool.open(port)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise _Unreachable(exc) from exc
-
-    async def _exchange(self, connection: UpstreamConnection, outgoing: OutgoingRequest) -> _Exchange:
-        connection.expect_response(outgoing.head_only)
-        upload: asyncio.Task[None] | None = None
-        try:
-            upload = outgoing.send(connection)
-            answer = await connection.read_response()
-        except _UPSTREAM_ERRORS as exc:
-            connection.close()
-            await _stopped(upload)
-            if connection.responded:
-                raise _BadGateway(broken_answer(exc)) from exc
-            raise _ClosedUnanswered from exc
-        except BaseException:  # cancelled: the server is shutting down
-            connection.close()
-            if upload is not None:
-                upload.cancel()
-            raise
-        return _Exchange(connection, upload, answer)
-
-    async def _relay(self, request: web.BaseRequest, exchange: _Exchange) -> web.StreamResponse:
-        """Pass the replica's answer on to the client, streaming its body as it arrives."""
-        assert self._pool is not None
-        message, payload = exchange.message, exchange.payload
-        if is_small(message.headers, payload):
-            # Head and body go out in one write; a stream, or a large body, goes on as it comes.
-            try:
-                body = payload.read_nowait() if payload.is_eof() else await payload.read()
-            except _UPSTREAM_ERRORS as exc:
-                return bad_gateway(broken_answer(exc))
-            finally:
-                exchange.end(self._pool)
-            whole = web.Response(
-                status=message.code, reason=message.reason, headers=message.headers, body=body or None
-            )
-            drop_hop_by_hop(whole.headers)
-            return whole
-        response = web.StreamResponse(status=message.code, reason=message.reason, headers=message.headers)
-        drop_hop_by_hop(response.headers)
-        try:
-            await response.prepare(request)
-            while chunk := await payload.readany():
-                await response.write(chunk)
-            await response.write_eof()
-        except _UPSTREAM_ERRORS:
-            # The replica or the client went away mid-response: nothing left to deliver.
-            if request.transport is not None:
-                request.transport.close()
+            exchange = await self._forwarder.send(outgoing, port)
+            self._ejections.answered(key)
+            return await self._forwarder.relay(request, exchange, outgoing.upgrade)
+        except Unreachable as exc:
+            if exc.out_of_fds:
+                self._out_of_fds.note()
+                return json_response(503, {"error": "the endpoint is out of file descriptors"})
+            self._failed(key, f"no connection: {exc}")
+            return None
+        except ClosedUnanswered:
+            self._failed(key, "closed the connection before answering")
+            # Without a body nothing is lost by asking another replica; one that had a body
+            # may have acted on it already, so it is not sent to a second replica.
+            return bad_gateway("the replica closed the connection") if outgoing.has_body else None
+        except UpstreamTimeout:
+            self._failed(key, f"no answer within {self._limits.read_timeout:g}s")
+            return gateway_timeout(self._limits.read_timeout)
+        except BadGateway as exc:
+            return bad_gateway(str(exc))
         finally:
-            exchange.end(self._pool)
-        return response
+            self._release(key)

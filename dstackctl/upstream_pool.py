@@ -57,16 +57,21 @@ class UpstreamConnection:
         """True when the replica sent any byte of an answer to the current request."""
         return self.protocol.responded
 
-    def expect_response(self, head_only: bool) -> None:
-        """Get ready for the answer to a new request (`head_only`: to a HEAD request)."""
+    def expect_response(self, head_only: bool, read_timeout: float | None = None) -> None:
+        """Get ready for the answer to a new request (`head_only`: to a HEAD request); reading
+        it fails with a TimeoutError once the replica sent nothing for `read_timeout` seconds."""
         self.protocol.responded = False
-        self.protocol.set_response_params(skip_payload=head_only, read_until_eof=True, auto_decompress=False)
+        self.protocol.set_response_params(
+            skip_payload=head_only, read_until_eof=True, auto_decompress=False, read_timeout=read_timeout
+        )
 
     def write(self, data: bytes) -> None:
+        """Send `data`; the read timeout counts from the last byte sent or received."""
         transport = self.protocol.transport
         if transport is None:
             raise ConnectionResetError("the replica closed the connection")
         transport.write(data)
+        self.protocol.start_timeout()
 
     async def drain(self) -> None:
         if self.protocol.writing_paused:
