@@ -5,8 +5,8 @@ Each trial, in a store of its own (``DSTACKCTL_HOME`` in a temporary folder):
 1. ``dstackctl run -d`` of a service of N replicas of the test image (/cgi-bin/health probed
    every second, ``DEPLOYMENT_TAG=v1``), then ``dstackctl redeploy NAME -f v2 --no-wait``
    (``DEPLOYMENT_TAG=v2``);
-2. the agent is killed with SIGKILL after a random delay, drawn from 0 to 90% of the rollout's
-   duration as measured by a warm-up trial (``--max-delay`` overrides it);
+2. the agent and its supervisor are killed with SIGKILL after a random delay, drawn from 0 to
+   90% of the rollout's duration as measured by a warm-up trial (``--max-delay`` overrides it);
 3. the next command: ``dstackctl redeploy NAME`` (which must restart the agent and exit 1,
    saying it carries on) and ``dstackctl run -d v2.yml`` (exit 0), taking turns;
    every ``--bad-every``-th trial (default 3) rolls out a v2 whose replicas exit after a
@@ -210,7 +210,10 @@ def one_trial(
         old = sum(1 for c in found if c["Labels"]["dstackctl.deployment"] == "0")
         trial.at_kill = f"{old} old, {len(found) - old} new"
         assert pid is not None
-        os.kill(pid, signal.SIGKILL)
+        # The supervisor first, then the agent: a user's command has to bring the agent back (a
+        # supervisor alone restarts a killed agent: bench/agent_crash_load.py measures that).
+        for process in reversed(store.agent_processes(NAME)):
+            os.kill(process, signal.SIGKILL)
         killed = time.monotonic()
         while store.agent_alive(NAME):
             time.sleep(0.01)
