@@ -89,6 +89,7 @@ class Endpoint:
         self._started = threading.Event()
         self._startup_error: BaseException | None = None
         self._runner: web.ServerRunner | None = None
+        self._site: web.SockSite | None = None
         self._pool: UpstreamPool | None = None
         self._forwarder: Forwarder | None = None
         self._grace_until = 0.0
@@ -154,6 +155,15 @@ class Endpoint:
             log.info("endpoint %s: replica %s is back in rotation", self.service, key)
             self._loop.call_soon_threadsafe(lambda: self._route(self._table))
 
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run `callback` in the endpoint's loop (the agent's heartbeat checks the loop lives)."""
+        self._loop.call_soon_threadsafe(callback)
+
+    def move_to(self, listener: socket.socket) -> None:
+        """Serve on `listener` from now on, then close the old one (a new local port)."""
+        future = asyncio.run_coroutine_threadsafe(self._move_to(listener), self._loop)
+        future.result(10)
+
     # --- inside the loop ----------------------------------------------------------------
 
     def _serve(self) -> None:
@@ -181,9 +191,21 @@ class Endpoint:
         assert self._listener is not None
         site = web.SockSite(self._runner, self._listener, backlog=BACKLOG)
         await site.start()
+        self._site = site
         self._changed = asyncio.Event()
         elapsed = time.monotonic() - self._grace_from
         self._grace_until = self._loop.time() + max(0.0, STARTUP_GRACE_SECONDS - elapsed)
+
+    async def _move_to(self, listener: socket.socket) -> None:
+        assert self._runner is not None and self._site is not None
+        site = web.SockSite(self._runner, listener, backlog=BACKLOG)
+        await site.start()
+        old, old_listener = self._site, self._listener
+        self._site, self._listener = site, listener
+        self.port = listener.getsockname()[1]
+        await old.stop()
+        if old_listener is not None:
+            old_listener.close()  # uvloop serves a duplicate of it: both must go
 
     async def _shutdown(self) -> None:
         if self._runner is not None:
