@@ -133,10 +133,15 @@ class Supervisor:
 
     def _watch(self, child: _Child) -> int:
         """Read the agent's messages until it ends; kill it when it hangs. Returns its status."""
+        looked = time.monotonic()
         while True:
             ended, status = os.waitpid(child.pid, os.WNOHANG)
             if ended:
                 return status
+            now = time.monotonic()
+            if now - looked > HANG_SECONDS / 2:  # the supervisor itself was stopped: no verdict
+                child.last_beat = now
+            looked = now
             warm_up = self._warm_up
             if warm_up is not None and time.monotonic() - child.started > WARM_UP_AFTER_SECONDS:
                 self._warm_up = None

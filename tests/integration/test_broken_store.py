@@ -52,9 +52,10 @@ def test_ps_says_how_old_a_state_is_that_the_agent_has_not_refreshed(
     path = write_service(tmp_path, "frozen", test_image, ["exec httpd -f -p 8000 -h /www"])
     assert cli(capsys, "run", "-d", path, "--timeout", "60s").code == 0
     assert "old" not in cli(capsys, "ps").err
-    agent = Store(dstack_home).agent_holder("frozen")
-    assert agent is not None
-    os.kill(agent, signal.SIGSTOP)
+    processes = Store(dstack_home).agent_processes("frozen")
+    assert len(processes) == 2, processes
+    for pid in reversed(processes):  # the supervisor first: it would replace a stopped agent
+        os.kill(pid, signal.SIGSTOP)
     try:
         warned = wait_until(
             lambda: "warning: the state of frozen is" in (err := cli(capsys, "ps").err) and err,
@@ -63,7 +64,8 @@ def test_ps_says_how_old_a_state_is_that_the_agent_has_not_refreshed(
             what="ps to warn about the frozen agent's state",
         )
     finally:
-        os.kill(agent, signal.SIGCONT)
+        for pid in processes:
+            os.kill(pid, signal.SIGCONT)
     assert "s old: its agent has not written it since" in warned
     wait_until(lambda: "old" not in cli(capsys, "ps").err, timeout=10, what="the warning to go")
     assert cli(capsys, "stop", "frozen").code == 0

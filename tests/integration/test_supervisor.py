@@ -165,6 +165,9 @@ def test_ps_and_run_say_when_nobody_writes_the_state_any_more(
     finally:
         for pid in processes:
             os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: "old" not in cli(capsys, "ps", "statue").err, timeout=WAIT, what="a fresh state")
+    # The supervisor was stopped too: it must not take the agent's silence for a hang.
+    assert store.agent_processes("statue") == processes
     assert cli(capsys, "stop", "statue").code == 0
 
 
