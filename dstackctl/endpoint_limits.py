@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import resource
 
+from dstackctl.stall_watch import SUSPECT_AFTER_SECONDS
 from dstackctl.upstream_health import EJECT_AFTER_FAILURES
 
 # dstack's gateway gives a replica this long without a byte (nginx proxy_read_timeout, from
@@ -36,6 +37,7 @@ class EndpointLimits:
     max_connections: int = MAX_CLIENT_CONNECTIONS
     max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT
     eject_after_failures: int = EJECT_AFTER_FAILURES
+    suspect_after: float = SUSPECT_AFTER_SECONDS
 
     def within_open_file_limit(self) -> EndpointLimits:
         """These limits, with at most as many client connections as the descriptors allow."""

@@ -43,6 +43,7 @@ _METHODS_WITH_LENGTH = frozenset({"POST", "PUT", "PATCH"})
 # again when the pooled connection it went out on turns out to be closed by the replica.
 REPLAY_LIMIT_BYTES = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # As dstack's gateway (nginx) does for WebSockets: Upgrade and Connection go on to the replica.
 _WEBSOCKET_UPGRADE = b"Upgrade: websocket\r\nConnection: upgrade\r\n"
 _HOST = UPSTREAM_HOST.encode()
@@ -55,7 +56,7 @@ class OutgoingRequest:
     sent again at no cost) or streamed from the client as it arrives (`stream`).
     """
 
-    __slots__ = ("_head", "body", "expects_continue", "head_only", "stream", "upgrade")
+    __slots__ = ("_head", "body", "expects_continue", "head_only", "resendable", "stream", "upgrade")
 
     def __init__(self, request: web.BaseRequest) -> None:
         self.head_only = request.method == "HEAD"
@@ -65,6 +66,8 @@ class OutgoingRequest:
         )
         options = connection_options(request.headers)
         self.upgrade = "upgrade" in options and request.headers.get("Upgrade", "").lower() == "websocket"
+        # Safe to send to a second replica when the first one hangs: it changes nothing there.
+        self.resendable = request.method in _SAFE_METHODS and not self.upgrade and not self.has_body
         self._head = b"".join(
             (
                 b"%s %s HTTP/1.1\r\n" % (request.method.encode(), _origin_form(request.raw_path)),

@@ -264,6 +264,24 @@ class ProbeRunner:
         with target.lock:
             return target.in_rotation, tuple(target.statuses)
 
+    def check_now(self, key: str) -> str | None:
+        """Run the replica's probes once, now, outside the schedule and its streaks: the first
+        failure's error, or None (all passed, it has no probes, or it is not watched)."""
+        with self._lock:
+            target = self._targets.get(key)
+        if target is None:
+            return None
+        for probe in target.probes:
+            result = self._execute(target.host, target.port, probe)
+            if not result.ok:
+                return f"probe {probe.url} failed: {result.error}"
+        return None
+
+    def views(self, key: str) -> tuple[ProbeView, ...] | None:
+        """Each probe's view of a watched replica; None for one that is not watched."""
+        snapshot = self.snapshot(key)
+        return snapshot[1] if snapshot else None
+
     def close(self, timeout: float = 1.0) -> None:
         """Stop scheduling; running probes are abandoned (their threads end with their timeout)."""
         self._stop.set()

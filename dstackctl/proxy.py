@@ -38,6 +38,7 @@ from dstackctl.endpoint_limits import EndpointLimits
 from dstackctl.forwarding import CONTINUE, REFUSED_METHODS, OutgoingRequest
 from dstackctl.netutil import BACKLOG, EndpointError, listen
 from dstackctl.request_rate import RequestRate
+from dstackctl.stall_watch import StallWatch
 from dstackctl.upstream_exchange import BadGateway, ClosedUnanswered, Forwarder, Unreachable, UpstreamTimeout
 from dstackctl.upstream_health import Ejections
 from dstackctl.upstream_pool import UpstreamPool
@@ -47,6 +48,7 @@ log = logging.getLogger("dstackctl.proxy")
 # Right after an agent starts (a new or restarted one) the first probe results are still on
 # their way: until this long after its start, requests wait for a ready replica before a 503.
 STARTUP_GRACE_SECONDS = 5.0
+STALL_CHECK_SECONDS = 1.0
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -80,6 +82,8 @@ class Endpoint:
         self._table: list[tuple[str, int]] = []  # as the agent set it, less drained replicas
         self._upstreams: list[tuple[str, int]] = []  # the rotation: the table less ejected replicas
         self._ejections = Ejections(self._limits.eject_after_failures)
+        self._stalls = StallWatch(self._limits.suspect_after)
+        self._on_suspect: Callable[[str], None] | None = None
         self._out_of_fds = LimitedLog(f"endpoint {service} is out of file descriptors")
         self._rotation = itertools.count()
         self._inflight: dict[str, int] = {}
@@ -149,6 +153,16 @@ class Endpoint:
         """The replicas taken out of rotation for failed requests, until `readmit`."""
         return self._ejections.ejected()
 
+    def watch_stalls(self, on_suspect: Callable[[str], None]) -> None:
+        """Tell `on_suspect(key)` (from the endpoint's thread: it must not block) about a
+        replica that keeps requests waiting without answering any (see stall_watch.py)."""
+        self._on_suspect = on_suspect
+
+    def eject(self, key: str, why: str) -> None:
+        """Take `key` out of rotation (its probe confirmed a hang) until `readmit`; its waiting
+        GETs go to another replica."""
+        self._loop.call_soon_threadsafe(self._eject, key, why)
+
     def readmit(self, key: str) -> None:
         """Put an ejected replica back in rotation (its probe passed since)."""
         if self._ejections.readmit(key):
@@ -184,7 +198,7 @@ class Endpoint:
 
     async def _startup(self) -> None:
         self._pool = UpstreamPool(self._loop)
-        self._forwarder = Forwarder(self._pool, self._limits.read_timeout)
+        self._forwarder = Forwarder(self._pool, self._limits.read_timeout, self._stalls)
         server = ClientServer(self._handle, self._limits, self.service, access_log=None)
         self._runner = web.ServerRunner(server, handle_signals=False)
         await self._runner.setup()
@@ -193,6 +207,7 @@ class Endpoint:
         await site.start()
         self._site = site
         self._changed = asyncio.Event()
+        self._look_for_stalls()
         elapsed = time.monotonic() - self._grace_from
         self._grace_until = self._loop.time() + max(0.0, STARTUP_GRACE_SECONDS - elapsed)
 
@@ -230,6 +245,26 @@ class Endpoint:
         self._upstreams = rotation
         if self._pool is not None:
             self._pool.route_to([port for _, port in rotation])
+
+    def _eject(self, key: str, why: str) -> None:
+        if all(k != key for k, _ in self._upstreams) or not self._ejections.eject(key, len(self._upstreams)):
+            return
+        moved = self._stalls.abandon(key)
+        log.warning(
+            "endpoint %s: replica %s out of rotation: %s; %d waiting request(s) sent elsewhere;"
+            " it comes back when its probe passes",
+            *(self.service, key, why, moved),
+        )
+        self._route(self._table)
+
+    def _look_for_stalls(self) -> None:
+        self._loop.call_later(STALL_CHECK_SECONDS, self._look_for_stalls)
+        on_suspect = self._on_suspect
+        if on_suspect is None:
+            return
+        for key in self._stalls.suspects(self._loop.time()):
+            if any(k == key for k, _ in self._upstreams):
+                on_suspect(key)
 
     def _failed(self, key: str, why: str) -> None:
         """A request to `key` failed as a dead or hung replica's do: eject it after a few."""
@@ -331,7 +366,9 @@ class Endpoint:
         assert self._forwarder is not None
         self._inflight[key] = self._inflight.get(key, 0) + 1
         try:
-            exchange = await self._forwarder.send(outgoing, port)
+            exchange = await self._forwarder.send_watched(request, outgoing, key, port)
+            if exchange is None:
+                return None  # the replica was ejected as hung: another one answers this GET
             self._ejections.answered(key)
             return await self._forwarder.relay(request, exchange, outgoing.upgrade)
         except Unreachable as exc:

@@ -8,6 +8,7 @@ replica that hangs is given up after `read_timeout` seconds without a byte.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 
 from aiohttp import client_exceptions, http_exceptions, web
@@ -16,6 +17,7 @@ from aiohttp.streams import StreamReader
 
 from dstackctl.endpoint_answers import bad_gateway, broken_answer, gateway_timeout, is_small
 from dstackctl.forwarding import OutgoingRequest, drop_hop_by_hop
+from dstackctl.stall_watch import StallWatch
 from dstackctl.upstream_pool import UpstreamConnection, UpstreamPool
 from dstackctl.websocket_relay import tunnel
 
@@ -80,12 +82,52 @@ async def _stopped(upload: asyncio.Task[None] | None) -> None:
     await asyncio.wait({upload})
 
 
+async def _unless(sending: asyncio.Task[Exchange], abandoned: asyncio.Event) -> Exchange | None:
+    """What `sending` gives, or None (and `sending` cancelled) once `abandoned` is set."""
+    giving_up: asyncio.Task[object] = asyncio.ensure_future(abandoned.wait())
+    try:
+        done, _ = await asyncio.wait((sending, giving_up), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled: the client left
+        sending.cancel()
+        raise
+    finally:
+        giving_up.cancel()
+    if sending in done:
+        exchange: Exchange = sending.result()
+        return exchange
+    sending.cancel()  # its connection to the hung replica is closed as it ends
+    with contextlib.suppress(BaseException):
+        await sending
+    return None
+
+
 class Forwarder:
     """Sends requests to replicas over `pool` and relays their answers to the clients."""
 
-    def __init__(self, pool: UpstreamPool, read_timeout: float) -> None:
+    def __init__(self, pool: UpstreamPool, read_timeout: float, stalls: StallWatch | None = None) -> None:
         self.pool = pool
         self.read_timeout = read_timeout
+        self.stalls = stalls or StallWatch()
+
+    async def send_watched(
+        self, request: web.BaseRequest, outgoing: OutgoingRequest, key: str, port: int
+    ) -> Exchange | None:
+        """`send`, watched for stalls (stall_watch.py); None when replica `key` was ejected as
+        hung while this request, which can safely go elsewhere, waited on it."""
+        loop = asyncio.get_running_loop()
+        token, abandoned = self.stalls.wait(key, loop.time(), outgoing.resendable)
+        answered_at = None
+        try:
+            if not outgoing.resendable:
+                exchange: Exchange | None = await self.send(outgoing, port)
+            else:
+                exchange = await _unless(asyncio.ensure_future(self.send(outgoing, port)), abandoned)
+                if exchange is None and request.transport is None:
+                    raise asyncio.CancelledError  # the client left meanwhile: not sent again
+            answered_at = loop.time() if exchange is not None else None
+            return exchange
+        finally:
+            self.stalls.done(key, token, answered_at)
 
     async def send(self, outgoing: OutgoingRequest, port: int) -> Exchange:
         """Send `outgoing` to the replica at `port` and wait for the head of its answer."""

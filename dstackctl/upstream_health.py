@@ -40,6 +40,16 @@ class Ejections:
             del self._failures[key]
             return count
 
+    def eject(self, key: str, rotation_size: int) -> bool:
+        """Eject `key` now (its probe confirmed a hang); False when it is alone in rotation
+        or out already."""
+        with self._lock:
+            if rotation_size <= 1 or key in self._ejected:
+                return False
+            self._ejected.add(key)
+            self._failures.pop(key, None)
+            return True
+
     def answered(self, key: str) -> None:
         if key in self._failures:  # a plain read first: this runs for every request
             with self._lock:

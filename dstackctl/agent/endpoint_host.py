@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from dstackctl.agent.phases import ReplicaBook, ReplicaState
@@ -20,12 +21,17 @@ from dstackctl.agent.supervisor import HANG_SECONDS, SupervisorLink
 from dstackctl.endpoint_guard import EndpointGuard
 from dstackctl.netutil import EndpointError, listen
 from dstackctl.request_rate import RequestRate
+from dstackctl.status import ProbeView
+from dstackctl.timeutil import parse_utc
 
 if TYPE_CHECKING:
     from dstackctl.proxy import Endpoint
 
 ENDPOINT_HOST = "127.0.0.1"
 DRAIN_SECONDS = 30.0
+# A replica without probes that the endpoint ejected comes back after this long (nginx's
+# fail_timeout is 10 s): a connect check would pass for a hung one behind Docker's proxy.
+PROBELESS_EJECTION_SECONDS = 10.0
 
 log = logging.getLogger("dstackctl.agent")
 
@@ -38,6 +44,8 @@ class EndpointHost:
         self._link = link
         self._failed_port: int | None = None
         self._tick = time.monotonic()  # the endpoint loop's last sign of life
+        self._ejected_at: dict[str, datetime] = {}  # when the agent first saw each ejection
+        self._check_now: Callable[[str], str | None] | None = None
         self._book = book
         self._grace_from = grace_from
         self._listener: socket.socket | None = None
@@ -96,6 +104,37 @@ class EndpointHost:
         if self._link is not None:
             self._link.keep_listener(listener)
         return listener
+
+    def confirm_hangs_with(self, check_now: Callable[[str], str | None]) -> None:
+        """Probe a replica the endpoint suspects of hanging with `check_now` (its probes, at
+        once: a failure's error, or None); a failure ejects it."""
+        self._check_now = check_now
+
+    def _suspected(self, key: str) -> None:  # in the endpoint's loop: must not block
+        threading.Thread(target=self._confirm_hang, args=(key,), name="hang-check", daemon=True).start()
+
+    def _confirm_hang(self, key: str) -> None:
+        check_now, endpoint = self._check_now, self.endpoint
+        failure = check_now(key) if check_now is not None else None
+        if failure is not None and endpoint is not None:
+            endpoint.eject(key, f"requests waited on it without an answer and its {failure}")
+
+    def readmit_probed(self, probes_of: Callable[[str], tuple[ProbeView, ...] | None]) -> None:
+        """Put a replica that the endpoint ejected (its requests failed) back in rotation once
+        a probe of it passed after the ejection and none fails; one without probes after
+        PROBELESS_EJECTION_SECONDS (nothing else checks it)."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return
+        ejected = endpoint.ejected()
+        self._ejected_at = {key: at for key, at in self._ejected_at.items() if key in ejected}
+        for key in ejected:
+            since = self._ejected_at.setdefault(key, datetime.now(timezone.utc))
+            probes = probes_of(key)
+            if probes is None:
+                continue
+            if _passed_since(probes, since):
+                endpoint.readmit(key)
 
     def responsive(self) -> bool:
         """False when the endpoint's loop has not run a callback for HANG_SECONDS."""
@@ -177,6 +216,7 @@ class EndpointHost:
             log.error("%s", exc.message)
             return
         self._tick = time.monotonic()
+        endpoint.watch_stalls(self._suspected)
         with self._handover:
             self.endpoint = endpoint
             current = self._listener
@@ -193,3 +233,11 @@ class EndpointHost:
         endpoint = self.endpoint
         if endpoint is not None:  # called under the book's lock: rotations apply in order
             endpoint.set_upstreams(self._book.in_rotation())
+
+
+def _passed_since(probes: tuple[ProbeView, ...], since: datetime) -> bool:
+    if not probes:
+        return datetime.now(timezone.utc) - since >= timedelta(seconds=PROBELESS_EJECTION_SECONDS)
+    if any(p.failure_streak or not p.ready for p in probes):
+        return False
+    return any(p.last_checked_at is not None and parse_utc(p.last_checked_at) > since for p in probes)

@@ -107,6 +107,7 @@ class ServiceAgent:
         # A restart carries on with the rollout (or stays rolled back).
         self.rollouts = RolloutMonitor(self._left.rollout)
         self.runner = ProbeRunner(on_change=self._probe_changed)
+        self.endpoint.confirm_hangs_with(self.runner.check_now)
         publisher = threading.Thread(
             target=self.publisher.run, args=(self.stop,), name="publisher", daemon=True
         )
@@ -226,6 +227,8 @@ class ServiceAgent:
             # needs every failure counted, so take a fresh look each round.
             self._probe_changed(replica.id)
         self.book.forget_missing(c.id for c in self._containers)
+        if self.runner is not None:
+            self.endpoint.readmit_probed(self.runner.views)
         self.logs.follow(engine, self._containers)
 
     def _planned(self, replica: Replica, target: Deployment) -> Observed:
