@@ -166,7 +166,7 @@ class Endpoint:
     def readmit(self, key: str) -> None:
         """Put an ejected replica back in rotation (its probe passed since)."""
         if self._ejections.readmit(key):
-            log.info("endpoint %s: replica %s is back in rotation", self.service, key)
+            log.info("endpoint %s: replica %s is back in rotation", self.service, key[:12])
             self._loop.call_soon_threadsafe(lambda: self._route(self._table))
 
     def call_soon(self, callback: Callable[[], None]) -> None:
@@ -253,7 +253,7 @@ class Endpoint:
         log.warning(
             "endpoint %s: replica %s out of rotation: %s; %d waiting request(s) sent elsewhere;"
             " it comes back when its probe passes",
-            *(self.service, key, why, moved),
+            *(self.service, key[:12], why, moved),
         )
         self._route(self._table)
 
@@ -275,7 +275,7 @@ class Endpoint:
             log.warning(
                 "endpoint %s: replica %s out of rotation after %d failed requests in a row (the last: %s);"
                 " it comes back when its probe passes",
-                *(self.service, key, in_a_row, why),
+                *(self.service, key[:12], in_a_row, why),
             )
             self._route(self._table)
 
