@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         if not held:
             log.info("another agent already runs %s; this one exits", args.name)
             return 0
-        supervisor = Supervisor(args.name, lambda link: _run_agent(store, args.name, link), _import_endpoint)
+        supervisor = Supervisor(lambda link: _run_agent(store, args.name, link), _import_endpoint)
         return supervisor.run(on_agent=lambda pid: store.note_agent(args.name, pid))
 
 

@@ -74,18 +74,15 @@ class _Child:
     sock: socket.socket
     started: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic)
+    told: bool = False  # SIGTERM forwarded to it
 
 
 class Supervisor:
     """Runs `run_agent(link)` in a forked child and restarts it until it exits 0 or is stopped."""
 
     def __init__(
-        self,
-        name: str,
-        run_agent: Callable[[SupervisorLink], int],
-        warm_up: Callable[[], None] = lambda: None,
+        self, run_agent: Callable[[SupervisorLink], int], warm_up: Callable[[], None] = lambda: None
     ) -> None:
-        self._name = name
         self._run_agent = run_agent
         self._warm_up: Callable[[], None] | None = warm_up
         self._listener: socket.socket | None = None
@@ -99,13 +96,16 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._forward)
         while True:
             child = self._start()
-            on_agent(child.pid)
+            try:
+                on_agent(child.pid)
+            except OSError as exc:  # the store's folder is gone or read-only: supervise anyway
+                log.warning("cannot record agent pid %d: %s", child.pid, exc)
             status = self._watch(child)
             self._child = None
             child.sock.close()
             code = os.waitstatus_to_exitcode(status)
             if code == 0 or self._stopping:
-                return 0 if self._stopping else code
+                return 0
             life = time.monotonic() - child.started
             self._quick_failures = 0 if life >= HEALTHY_LIFE_SECONDS else self._quick_failures + 1
             delay = _backoff(self._quick_failures)
@@ -138,8 +138,11 @@ class Supervisor:
             ended, status = os.waitpid(child.pid, os.WNOHANG)
             if ended:
                 return status
+            if self._stopping and not child.told:  # a stop that came before it was known
+                child.told = True
+                _kill(child.pid, signal.SIGTERM)
             now = time.monotonic()
-            if now - looked > HANG_SECONDS / 2:  # the supervisor itself was stopped: no verdict
+            if now - looked > max(HANG_SECONDS / 2, 2 * HEARTBEAT_SECONDS):  # itself stopped: no verdict
                 child.last_beat = now
             looked = now
             warm_up = self._warm_up
@@ -178,6 +181,7 @@ class Supervisor:
     def _forward(self, signum: int, _frame: object) -> None:
         self._stopping = True
         if self._child is not None:
+            self._child.told = True
             _kill(self._child.pid, signum)
 
     def _sleep(self, seconds: float) -> bool:
