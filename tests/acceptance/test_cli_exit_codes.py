@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import wait_until, write_service
+from helpers import kill_agent_and_supervisor, wait_until, write_service
 
 from dstackctl.labels import home_label
 from dstackctl.store import Store
@@ -329,11 +328,7 @@ def test_ps_exits_0_when_an_agent_is_dead_and_says_so(
 ) -> None:
     path = write_service(tmp_path, "orphan", test_image, [HTTPD])
     assert dstackctl("run", "-d", "--timeout", "60s", path).returncode == 0
-    store = Store(dstack_home)
-    pid = store.agent_holder("orphan")
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not store.agent_alive("orphan"), timeout=10, what="the killed agent to let go")
+    kill_agent_and_supervisor(Store(dstack_home), "orphan")
 
     listed = dstackctl("ps")
     as_json = dstackctl("ps", "--json")

@@ -11,9 +11,7 @@ agent's log must show each scaling decision no sooner than its delay allows.
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from helpers import cli, free_port, wait_until
+from helpers import cli, free_port, kill_agent_and_supervisor, wait_until
 
 from dstackctl.status import ObservedState
 from dstackctl.store import STATE, Store
@@ -228,8 +226,7 @@ def test_a_restarted_agent_keeps_the_decided_count_and_its_containers(
     store = Store(dstack_home)
     agent = store.agent_holder("kept")
     assert agent is not None
-    os.kill(agent, signal.SIGKILL)
-    wait_until(lambda: not store.agent_alive("kept"), timeout=10, what="the killed agent to let go")
+    kill_agent_and_supervisor(store, "kept")
     again = cli(capsys, "run", "-d", path, "--timeout", "60s")
     assert again.code == 0, again.err
     assert "restarted it" in again.err

@@ -107,8 +107,8 @@ def assert_token_nowhere_else(
             outputs.append(path.read_bytes().decode(errors="replace"))
     [container] = docker_client.containers.list(filters={"label": "dstackctl.run=guarded"})  # type: ignore[attr-defined]
     outputs += [json.dumps(container.labels), json.dumps(container.attrs["Config"])]
-    agent = Store(home).agent_holder("guarded")
-    assert agent is not None
-    outputs.append(Path(f"/proc/{agent}/cmdline").read_bytes().decode(errors="replace"))
+    processes = Store(home).agent_processes("guarded")
+    assert len(processes) == 2, processes  # the agent and its supervisor
+    outputs += [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") for pid in processes]
     leaks = [text[:200] for text in outputs if token in text]
     assert leaks == []

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import docker
 import docker.errors
 import pytest
 import requests
-from helpers import Result, cli, ps_run, wait_until, write_service
+from helpers import Result, cli, kill_agent_and_supervisor, ps_run, wait_until, write_service
 
 from dstackctl.labels import home_label
 from dstackctl.store import Store
@@ -168,9 +167,8 @@ def test_the_agent_killed_during_a_rolling_redeploy_finishes_it_when_restarted(
         what=f"the rollout to reach the moment {moment}",
         interval=0.02,
     )
-    os.kill(old_pid, signal.SIGKILL)
+    kill_agent_and_supervisor(store, "crashy")  # the supervisor too: a user's command restarts it
     killed_at = time.monotonic()
-    wait_until(lambda: not store.agent_alive("crashy"), timeout=10, what="the killed agent to let go")
 
     # While the agent is down, ps says so, and the endpoint (which lives in the agent) is down.
     down = cli(capsys, "ps", "--json", "crashy")
@@ -480,10 +478,7 @@ def test_a_broken_store_file_gets_one_sentence_and_stop_still_works(
     store = Store(dstack_home)
     broken = store.service_dir("rotten") / f"{kind}.json"
     if kind == "state":  # the agent rewrites state.json: it must not find out before ps does
-        agent = store.agent_holder("rotten")
-        assert agent is not None
-        os.kill(agent, signal.SIGKILL)
-        wait_until(lambda: not store.agent_alive("rotten"), timeout=10, what="the killed agent to let go")
+        kill_agent_and_supervisor(store, "rotten")
     broken.write_bytes(content)
 
     commands = [["ps", "rotten"], ["ps", "-v", "--json", "rotten"]]

@@ -56,10 +56,11 @@ def test_probe_header_values_and_short_secrets_stay_secret(
     env = container.attrs["Config"]["Env"]
     assert not [entry for entry in env if entry.startswith("DSTACKCTL_PROBE_")], env
 
-    agent = Store(dstack_home).agent_holder("keeper")
-    assert agent is not None
-    command_line = Path(f"/proc/{agent}/cmdline").read_bytes().decode(errors="replace")
-    assert "dstackctl-agent keeper" in command_line and "987" not in command_line, command_line
+    processes = Store(dstack_home).agent_processes("keeper")
+    assert len(processes) == 2, processes  # the agent and its supervisor
+    for pid in processes:
+        command_line = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        assert "dstackctl-agent keeper" in command_line and "987" not in command_line, command_line
 
     logs = cli(capsys, "logs", "keeper")
     assert "pin=*** workers=2" in logs.out, logs.out
