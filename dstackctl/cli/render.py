@@ -61,14 +61,23 @@ def _clip(text: str | None, wide: bool) -> str:
     return text if wide or len(text) <= MESSAGE_WIDTH else text[: MESSAGE_WIDTH - 1] + "…"
 
 
+def plain_table(headers: list[str], rows: list[list[str]]) -> str:
+    """The table tabulate's "plain" format prints (with PRESERVE_WHITESPACE, no number parsing):
+    left-aligned columns two spaces apart, each at least its header's width plus two, lines
+    right-stripped. Written out because tabulate infers every cell's type first, which took
+    half of `ps`'s time with 1000 services; tests/unit/test_render.py holds it to tabulate."""
+    widths = [len(header) + 2 for header in headers]
+    for row in rows:
+        for index, cell in enumerate(row):
+            if len(cell) > widths[index]:
+                widths[index] = len(cell)
+    lines = []
+    for line in [headers, *rows]:
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
 def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
-    import tabulate as tabulate_module
-    from tabulate import tabulate
-
-    # Keeps dstack's indented replica rows. tabulate 0.9 has this module flag only (pinned:
-    # see pyproject.toml); nothing else in dstackctl renders with tabulate.
-    tabulate_module.PRESERVE_WHITESPACE = True
-
     headers = ["NAME", "BACKEND", "STATUS", "READY", "PROBES", "SUBMITTED", "URL"]
     with_rps = any(run.scaling for run in views)
     if with_rps:
@@ -106,7 +115,7 @@ def runs_table(views: list[RunView], verbose: bool, wide: bool) -> str:
             rows += _verbose_rows(run, headers, with_gpus, wide)
     if not rows:
         return "No services. Start one with `dstackctl run -f FILE`."
-    return tabulate(rows, headers=headers, tablefmt="plain", disable_numparse=True)
+    return plain_table(headers, rows)
 
 
 def _verbose_rows(run: RunView, headers: list[str], with_gpus: bool, wide: bool) -> list[list[str]]:

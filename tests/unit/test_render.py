@@ -88,3 +88,28 @@ def test_the_service_row_shows_ready_of_desired_and_degraded_when_a_replica_fail
     line = runs_table([view], verbose=False, wide=False).splitlines()[1]
     assert line.split()[:4] == ["llama31", "local", "running", "1/2"]
     assert view.to_json()["ready_replicas"] == 1 and view.to_json()["desired_replicas"] == 2
+
+
+def test_the_plain_table_is_what_tabulate_prints() -> None:
+    import random
+
+    import tabulate as tabulate_module
+    from tabulate import tabulate
+
+    from dstackctl.cli.render import plain_table
+
+    tabulate_module.PRESERVE_WHITESPACE = True
+    pieces = ["", " ", "a", "llama31", "  replica=1", "✓×~", "http://127.0.0.1:8000", "1/2 (0..3)", "…", "42"]
+    chooser = random.Random(7)
+    for _ in range(500):
+        columns = chooser.randint(1, 9)
+        headers = [
+            chooser.choice(["NAME", "X", "STATUS", "RPS", "PROBES", "MESSAGE"]) for _ in range(columns)
+        ]
+        rows = [
+            ["".join(chooser.choices(pieces, k=chooser.randint(0, 3))) for _ in range(columns)]
+            for _ in range(chooser.randint(1, 6))
+        ]
+        assert plain_table(headers, rows) == tabulate(
+            rows, headers=headers, tablefmt="plain", disable_numparse=True
+        )
