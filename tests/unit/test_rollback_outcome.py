@@ -39,13 +39,13 @@ def sc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Scenario]:
         scenario.close()
 
 
-def _roll_out(sc: Scenario, text: str) -> dict[str, Any]:
-    """Ask for a rollout with the short deadline; the rollout as it ended."""
+def _roll_out(sc: Scenario, text: str, deadline: int = SHORT_DEADLINE) -> dict[str, Any]:
+    """Ask for a rollout with a short deadline; the rollout as it ended."""
     loaded, env = load(text)
-    start_rollout(sc.store, NAME, Release.of(loaded, env), SHORT_DEADLINE)
+    start_rollout(sc.store, NAME, Release.of(loaded, env), deadline)
     return wait_until(
         lambda: (rollout := sc.rollout_state()).get("state") in ENDED and rollout,
-        30,
+        30 + 3 * deadline,
         "the rollout to end",
     )
 
@@ -102,7 +102,8 @@ def test_a_rollback_that_cannot_make_a_ready_replica_ready_again_fails(sc: Scena
     sc.submit(service_yaml(replicas=2, env={"VERSION": "1"}))
     sc.start_agent()
     sc.wait_ready(replicas=2, deployment=0)
-    rollout = _roll_out(sc, service_yaml(replicas=2, env={"VERSION": "2"}))
+    # A longer deadline: the new replica 0 must get ready within it even on a busy machine.
+    rollout = _roll_out(sc, service_yaml(replicas=2, env={"VERSION": "2"}), deadline=8)
     assert rollout["state"] == "rollback_failed", rollout
     assert "the rollback failed too: replica=0 (deployment 0) was not ready" in rollout["reason"], rollout
 
