@@ -326,11 +326,13 @@ def test_10000_generated_configs_get_a_model_or_sentences_in_bounded_time() -> N
         if took > slowest[0]:
             slowest[:] = [took, text]
 
-    start = time.monotonic()
+    # CPU time, not wall time: other work on the machine (a CI run beside it took this from
+    # ~120 s to 226 s of wall time) must not fail the bound, a pathological config must.
+    start = time.process_time()
     one()
-    total = time.monotonic() - start
+    total = time.process_time() - start
     assert slowest[0] < PER_CONFIG_SECONDS, f"a config took {slowest[0]:.2f}s:\n{slowest[1]}"
-    assert total < 180, f"10,000 configs took {total:.0f}s"
+    assert total < 180, f"10,000 configs took {total:.0f}s of CPU"
 
 
 # --- hostile files: bounded time and memory ------------------------------------------------
