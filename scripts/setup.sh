@@ -3,8 +3,10 @@
 #   1. Debian packages docker.io and busybox-static, when missing;
 #   2. a running dockerd (started in the background when `docker info` fails);
 #   3. the virtualenv .venv with dstackctl installed editable, with test extras;
-#   4. the test image dstackctl-testsrv:latest (scripts/build-test-image.sh).
-# Needs root for steps 1 and 2 when they have something to do.
+#   4. the test image dstackctl-testsrv:latest (scripts/build-test-image.sh);
+#   5. the base image dstackctl-python:latest for `python:` services
+#      (scripts/build-base-image.sh: ~1 minute when its recipe changed, nothing otherwise).
+# Needs root for steps 1, 2 and 5 when they have something to do.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -118,4 +120,7 @@ rm -f "$pip_log"
 
 # 4. Test image.
 "$ROOT/scripts/build-test-image.sh"
+
+# 5. Base image for `python:` services (DSTACK_DOCKER_BASE_IMAGE=dstackctl-python:latest).
+"$ROOT/scripts/build-base-image.sh"
 log "done"
