@@ -5,8 +5,11 @@
 #   - python3 (bookworm's 3.11), python3-venv, bash, curl, ca-certificates, apt;
 #   - uv in /usr/local/bin, taken from its PyPI wheel (the binary only), which the prelude
 #     of `python:` configs needs (`uv venv -p X --seed /dstack/venv`);
-#   - this machine's CA bundle as /etc/ssl/certs/ca-certificates.crt and UV_NATIVE_TLS=1:
-#     containers reach the package index here only when they trust that bundle.
+#   - this machine's CA bundle as /etc/ssl/certs/ca-certificates.crt, with UV_SYSTEM_CERTS=1
+#     and SSL_CERT_FILE pointing at it: containers reach the package index here only when
+#     they trust that bundle. (UV_SYSTEM_CERTS is uv's name for what UV_NATIVE_TLS did;
+#     uv 0.11 and later print a deprecation warning on every command that sees UV_NATIVE_TLS,
+#     a line that would take a place in every log tail dstackctl shows.)
 # Run replicas on it with DSTACK_DOCKER_BASE_IMAGE=dstackctl-python:latest.
 #
 # The image carries the sha256 of its recipe (this script and the CA bundle it copies) in
@@ -22,7 +25,7 @@ SUITE="bookworm"
 MIRROR="http://deb.debian.org/debian"
 SECURITY_MIRROR="http://deb.debian.org/debian-security"
 PACKAGES="python3,python3-venv,bash,curl,ca-certificates"
-UV_VERSION="0.12.24"  # newer ones warn on every call that UV_NATIVE_TLS is deprecated
+UV_VERSION="0.13.9"
 HOST_CA_BUNDLE="/etc/ssl/certs/ca-certificates.crt"
 RECIPE_LABEL="dstackctl.base-image.recipe"
 MARK_LABEL="dstackctl.base-image"
@@ -129,7 +132,7 @@ bundle="/etc/ssl/certs/ca-certificates.crt"
 image_id="$(docker import \
     --change "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
     --change "ENV LANG=C.UTF-8" \
-    --change "ENV UV_NATIVE_TLS=1" \
+    --change "ENV UV_SYSTEM_CERTS=1" \
     --change "ENV UV_PYTHON_DOWNLOADS=never" \
     --change "ENV SSL_CERT_FILE=$bundle" \
     --change "ENV REQUESTS_CA_BUNDLE=$bundle" \
