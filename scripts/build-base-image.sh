@@ -2,7 +2,8 @@
 # Build dstackctl-python:latest, a stand-in for dstack's base image (dstackai/base) made
 # without a container registry: a minimal Debian bookworm from Debian's own packages
 # (mmdebstrap, to a tarball, then `docker import`), with
-#   - python3 (bookworm's 3.11), python3-venv, bash, curl, ca-certificates, apt;
+#   - python3 (bookworm's 3.11; also as `python`, as on dstack's image even without a
+#     `python:` venv), python3-venv, bash, curl, ca-certificates, apt;
 #   - uv in /usr/local/bin, taken from its PyPI wheel (the binary only), which the prelude
 #     of `python:` configs needs (`uv venv -p X --seed /dstack/venv`);
 #   - this machine's CA bundle as /etc/ssl/certs/ca-certificates.crt, with UV_SYSTEM_CERTS=1
@@ -24,7 +25,7 @@ IMAGE="dstackctl-python:latest"
 SUITE="bookworm"
 MIRROR="http://deb.debian.org/debian"
 SECURITY_MIRROR="http://deb.debian.org/debian-security"
-PACKAGES="python3,python3-venv,bash,curl,ca-certificates"
+PACKAGES="python3,python3-venv,python-is-python3,bash,curl,ca-certificates"
 UV_VERSION="0.13.9"
 HOST_CA_BUNDLE="/etc/ssl/certs/ca-certificates.crt"
 RECIPE_LABEL="dstackctl.base-image.recipe"
