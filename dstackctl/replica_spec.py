@@ -104,6 +104,23 @@ def image_of(config: ServiceConfiguration, environ: Mapping[str, str] = os.envir
     return environ.get(BASE_IMAGE_VARIABLE, default)
 
 
+def missing_image_hint(config: ServiceConfiguration) -> str:
+    """What to add when the image `image_of` chose for `config` cannot be had: the variable
+    that names another one. (The agent reads it from the environment it was started with, by
+    the first `dstackctl run` of the service: a new value takes a stop and a new run.)"""
+    if config.docker:
+        what, variable, example = "dstack's Docker-in-Docker image", DIND_IMAGE_VARIABLE, ""
+    elif config.image:
+        return ""
+    else:
+        what, variable = "dstack's base image (for configs without `image`)", BASE_IMAGE_VARIABLE
+        example = " (scripts/build-base-image.sh builds dstackctl-python:latest)"
+    return (
+        f"; {what} can be replaced: set {variable} to an image this machine has{example}, "
+        "then stop the service and run it again"
+    )
+
+
 def join_commands(commands: list[str]) -> str:
     """dstack's join: ` && ` between commands; a command ending in `&` is wrapped in braces."""
     parts = []

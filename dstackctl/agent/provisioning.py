@@ -17,7 +17,7 @@ from dstackctl.docker import DockerEngine, DockerError
 from dstackctl.gpus import Gpu, choose, discover, shortage_message
 from dstackctl.labels import service_labels
 from dstackctl.replica import Replica
-from dstackctl.replica_spec import build_replica_spec, image_of, network_name
+from dstackctl.replica_spec import build_replica_spec, image_of, missing_image_hint, network_name
 
 log = logging.getLogger("dstackctl.agent")
 
@@ -83,6 +83,7 @@ class Provisioner:
             wanting = [s for s in slots if image_of(target.groups[s[0]].config) == image]
             problem = self._ensure_image(engine, desired, target, image, wanting)
             if problem:
+                problem += missing_image_hint(target.groups[wanting[0][0]].config)
                 for slot in wanting:
                     self._fail(target, slot, problem)
                 slots = [s for s in slots if s not in wanting]
