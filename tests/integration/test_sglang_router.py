@@ -238,3 +238,159 @@ def test_a_real_smg_router_routes_our_endpoints_chats_to_the_ready_workers_and_f
     after = cli(capsys, "ps", "-v", NAME).out
     assert "group=0 replica=0 deployment=0" in after and "group=1 replica=0 deployment=1" in after, after
     assert cli(capsys, "stop", NAME).code == 0
+
+
+def write_examples_shape(directory: Path, router: dict[str, Any]) -> Path:
+    """The shape of dstack's docs (concepts/services.md, "prefill-decode", without PD): unnamed
+    groups ("0" is the router, "1" the workers), `model:` (so the router group, and it alone,
+    gets dstack's default model probe: it is ready only once it has workers)."""
+    document = {
+        "type": "service",
+        "name": NAME,
+        "port": f"{free_port()}:8000",
+        "model": MODEL,
+        "volumes": [f"{REPO_ROOT / 'images' / 'openai-fake'}:/opt/fake:ro"],
+        "replicas": [
+            {"count": 1, **router},
+            {"count": 2, "commands": [f"exec python3 /opt/fake/server.py --port 8000 --model {MODEL}"]},
+        ],
+    }
+    path = directory / f"{NAME}.dstack.yml"
+    path.write_text(json.dumps(document))
+    return path
+
+
+def examples_workers_in_router(
+    capsys: pytest.CaptureFixture[str], docker_client: Any, home: Path, url: str
+) -> dict[str, str] | None:
+    """The worker list when the router holds exactly the two ready workers of group "1"; None
+    before, also while the endpoint has no router to ask (503) or does not answer."""
+    running = containers(docker_client, home, "1")
+    wanted = {
+        address(running[r["container_id"]]): f"1/{r['replica_num']}/{r['deployment_num']}"
+        for r in ps_run(capsys, NAME)["replicas"]
+        if r["group"] == "1" and r["ready"] and r["container_id"] in running
+    }
+    try:
+        held = router_workers(url)
+    except (requests.RequestException, AssertionError):
+        return None
+    return wanted if len(wanted) == 2 and held == wanted else None
+
+
+def start_examples_shape(
+    capsys: pytest.CaptureFixture[str], docker_client: Any, home: Path, path: Path
+) -> tuple[str, dict[str, str]]:
+    started = cli(capsys, "run", "-d", path, "--timeout", ROUTER_START)
+    assert started.code == 0, started.err
+    run = ps_run(capsys, NAME)
+    assert [(r["group"], r["ready"]) for r in run["replicas"]] == [("0", True), ("1", True), ("1", True)]
+    url = str(run["url"])
+    workers = wait_until(
+        lambda: examples_workers_in_router(capsys, docker_client, home, url),
+        timeout=WAIT,
+        what="the router to hold both workers",
+    )
+    assert workers is not None
+    for stream in (False, True):
+        identity, routed = chat(url, stream)
+        assert routed in workers and identity.split(" ")[:2] == [NAME, workers[routed].split("/")[1]]
+    return url, workers
+
+
+def test_the_dstack_examples_shape_legacy_type_pip_install_and_model_probe_serves_through_smg(
+    dstack_home: Path,
+    tmp_path: Path,
+    python_base_image: str,
+    docker_client: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The older type name `sglang`, `python:` and `pip install smg`, as dstack's docs write it.
+    router = {
+        "python": "3.11",
+        "commands": [f"pip install smg=={SMG_VERSION}", "smg launch --host 0.0.0.0 --port 8000"],
+        "router": {"type": "sglang"},
+    }
+    start_examples_shape(capsys, docker_client, dstack_home, write_examples_shape(tmp_path, router))
+    table = cli(capsys, "ps", "-v", NAME).out.splitlines()
+    assert [line[:33].rstrip() for line in table[2:]] == [
+        "   group=0 replica=0 deployment=0",
+        "   group=1 replica=0 deployment=0",
+        "           replica=1 deployment=0",
+    ], "\n".join(table)
+    # The router's model probe passes (it answers chats: it has workers); workers have none.
+    assert ["\u2713" in line for line in table[2:]] == [True, False, False], "\n".join(table)
+    assert cli(capsys, "stop", NAME).code == 0
+
+
+def restart_and_settle(
+    capsys: pytest.CaptureFixture[str], docker_client: Any, home: Path, url: str, workers: dict[str, str]
+) -> str:
+    """Start the router container again as the agent does after a Docker outage (the same
+    container, its commands run again in the same file system); "serving" once the router
+    holds `workers` again, else "exited: <its last log line>"."""
+    [container] = containers(docker_client, home, "0").values()
+    container.restart(timeout=1)
+
+    def settled() -> str | None:
+        container.reload()
+        if container.status == "exited":
+            lines = container.logs(tail=3).decode(errors="replace").strip().splitlines()
+            return f"exited: {lines[-1] if lines else ''}"
+        held = examples_workers_in_router(capsys, docker_client, home, url)
+        return "serving" if held == workers else None
+
+    return str(wait_until(settled, timeout=WAIT, what="the restarted router to serve or exit"))
+
+
+def test_a_restarted_router_forgets_its_workers_and_the_agent_registers_them_again(
+    dstack_home: Path,
+    tmp_path: Path,
+    python_base_image: str,
+    docker_client: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Its own venv (python3 -m venv is happy with one that exists): see the next test for why.
+    router = {
+        "commands": [
+            "python3 -m venv /opt/smg",
+            f"/opt/smg/bin/pip install -q smg=={SMG_VERSION}",
+            "exec /opt/smg/bin/smg launch --host 0.0.0.0 --port 8000",
+        ],
+        "router": {"type": "smg"},
+    }
+    url, workers = start_examples_shape(
+        capsys, docker_client, dstack_home, write_examples_shape(tmp_path, router)
+    )
+    # smg keeps no workers on disk: started again it has none; the agent registers them anew
+    # (meanwhile the endpoint answers 503: its one router is down, then not ready, as its model
+    # probe fails until it has workers).
+    assert restart_and_settle(capsys, docker_client, dstack_home, url, workers) == "serving"
+    identity, routed = chat(url, stream=True)
+    assert routed in workers and identity.split(" ")[:2] == [NAME, workers[routed].split("/")[1]]
+    assert cli(capsys, "stop", NAME).code == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: the `python:` prelude (replica_spec._commands: `uv venv ... /dstack/venv`) "
+    "fails in a container started again (uv: 'A virtual environment already exists at: "
+    "/dstack/venv'), so the replica exits 2; dstack runs `rm -rf $DSTACK_VENV_DIR` first",
+)
+def test_a_router_with_python_comes_back_when_its_container_is_started_again(
+    dstack_home: Path,
+    tmp_path: Path,
+    python_base_image: str,
+    docker_client: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    router = {
+        "python": "3.11",
+        "commands": [f"uv pip install -q smg=={SMG_VERSION}", "smg launch --host 0.0.0.0 --port 8000"],
+        "router": {"type": "smg"},
+    }
+    url, workers = start_examples_shape(
+        capsys, docker_client, dstack_home, write_examples_shape(tmp_path, router)
+    )
+    assert restart_and_settle(capsys, docker_client, dstack_home, url, workers) == "serving"
+    assert cli(capsys, "stop", NAME).code == 0
