@@ -328,7 +328,7 @@ def restart_and_settle(
 ) -> str:
     """Start the router container again as the agent does after a Docker outage (the same
     container, its commands run again in the same file system); "serving" once the router
-    holds `workers` again, else "exited: <its last log line>"."""
+    holds `workers` again, else "exited: <its last log lines>"."""
     [container] = containers(docker_client, home, "0").values()
     container.restart(timeout=1)
 
@@ -336,7 +336,7 @@ def restart_and_settle(
         container.reload()
         if container.status == "exited":
             lines = container.logs(tail=3).decode(errors="replace").strip().splitlines()
-            return f"exited: {lines[-1] if lines else ''}"
+            return "exited: " + " | ".join(lines)
         held = examples_workers_in_router(capsys, docker_client, home, url)
         return "serving" if held == workers else None
 
