@@ -147,6 +147,10 @@ def _commands(config: ServiceConfiguration) -> list[str]:
         return ["start-dockerd", *commands]
     if config.python and not config.image:
         prelude = [
+            # As dstack does (it runs `rm -rf $DSTACK_VENV_DIR` first): a container started
+            # again (a Docker restart, `docker restart`) still has the venv, and uv refuses to
+            # create one over it.
+            f"rm -rf {VENV_DIR}",
             f"uv venv -q --prompt dstack -p {config.python} --seed {VENV_DIR}",
             f". {VENV_DIR}/bin/activate",
         ]

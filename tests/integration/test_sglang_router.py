@@ -371,12 +371,6 @@ def test_a_restarted_router_forgets_its_workers_and_the_agent_registers_them_aga
     assert cli(capsys, "stop", NAME).code == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the `python:` prelude (replica_spec._commands: `uv venv ... /dstack/venv`) "
-    "fails in a container started again (uv: 'A virtual environment already exists at: "
-    "/dstack/venv'), so the replica exits 2; dstack runs `rm -rf $DSTACK_VENV_DIR` first",
-)
 def test_a_router_with_python_comes_back_when_its_container_is_started_again(
     dstack_home: Path,
     tmp_path: Path,
