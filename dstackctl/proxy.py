@@ -237,6 +237,7 @@ class Endpoint:
     def _route(self, table: list[tuple[str, int]]) -> None:
         self._table = table
         self._ejections.keep_only([key for key, _ in table])
+        self._stalls.forget({key for key, _ in table})
         rotation = [u for u in table if not self._ejections.is_ejected(u[0])]
         if table and not rotation:  # ejected ones are better than none
             log.warning("endpoint %s: ejected replicas back in rotation: no other one is ready", self.service)
