@@ -26,7 +26,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,14 +35,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from _report import REPO_ROOT, load_average
+from _report import load_average
+from autoscale import DSTACKCTL, IMAGE, free_port
 
-sys.path.insert(0, str(REPO_ROOT))
 from dstackctl.store import Store
 
 NAME = "crashload"
-IMAGE = "dstackctl-testsrv:latest"
-DSTACKCTL = str(Path(sys.executable).parent / "dstackctl")
 SERVICE = """type: service
 name: {name}
 image: {image}
@@ -102,12 +99,6 @@ class Clients:
                 self.requests.append(Request(sent, time.monotonic(), ok))
             if not ok:
                 time.sleep(0.05)  # a refused connect would otherwise spin
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def dstackctl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
