@@ -131,7 +131,7 @@ def run_agent_child(home: str, port: int, events: str) -> int:
 
     import _agent_harness as harness
 
-    from dstackctl.probes import execute_probe
+    from dstackctl.probe_wire import execute_probe
     from dstackctl.store import SPEC
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)

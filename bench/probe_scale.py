@@ -4,7 +4,7 @@ Starts the target HTTP servers in a *separate process* (Debian's nginx with a ge
 config listening on N ports, or a small asyncio server process with --server asyncio), so
 their CPU is not counted as the runner's. Then, in this process, a real
 ``dstackctl.probes.ProbeRunner`` watches N targets (one ``ProbeConfig(type="http",
-url="/health", interval=1)`` each, probed with the real ``execute_probe``) for --seconds.
+url="/health", interval=1)`` each, on its own non-blocking sockets) for --seconds.
 
 Measured per run:
 - lateness = started - due of every probe (from the runner's ``on_sample`` hook); the first
@@ -15,14 +15,16 @@ Measured per run:
   how busy the whole machine was (from /proc/stat) so contention can be judged.
 
 Targets (the issue): lateness p99 <= 50 ms, runner CPU <= 30 % of one core, 0 failures.
-Worker counts in --workers are run in interleaved rounds (--rounds); medians are reported.
+--workers 0 (the default) is the runner as the agent builds it; N > 0 runs blocking
+``execute_probe`` calls on N threads instead (the design before the socket loop, for a
+comparison in the same run). Each is run in interleaved rounds (--rounds); medians reported.
 --with-agent runs the real ``ServiceAgent`` in this process instead (bench/_agent_harness.py:
 a fake Docker engine reports N running replicas whose ports are the N targets); the agent
 builds and registers the runner itself (all replicas at once, as when an agent adopts its
 containers), and its reconcile loop and publisher write state.json to a temporary store, so
 the CPU is the agent process's rather than the bare runner's. --stagger is ignored then.
 
-    .venv/bin/python bench/probe_scale.py [--targets 1000] [--seconds 60] [--workers 8,32,64]
+    .venv/bin/python bench/probe_scale.py [--targets 1000] [--seconds 60] [--workers 0,32]
         [--rounds 1] [--server nginx|asyncio] [--stagger] [--with-agent] [--json]
 
 Exit status: 0 when every run meets the targets, 1 otherwise.
@@ -289,21 +291,15 @@ def run_once(
     with_agent: bool,
 ) -> RunResult:
     from dstackctl.config.probe_model import ProbeConfig
-    from dstackctl.probes import ProbeRunner, ProbeSample, execute_probe
+    from dstackctl.probe_wire import execute_probe
+    from dstackctl.probes import ProbeRunner, ProbeSample
 
     probe = ProbeConfig(type="http", url="/health", interval=1)
     samples: list[ProbeSample] = []
-    durations: list[float] = []
-    failures: list[str] = []
+    # workers 0: the runner's own non-blocking sockets; N: blocking execute_probe on N
+    # threads, the runner's design before the socket loop, to compare in the same run.
+    transport: dict[str, Any] = {"execute": execute_probe, "workers": workers} if workers else {}
     monotonic = time.monotonic
-
-    def execute(host: str, port: int, config: ProbeConfig) -> Any:
-        begin = monotonic()
-        result = execute_probe(host, port, config)
-        durations.append(monotonic() - begin)
-        if not result.ok:
-            failures.append(f"{port}: {result.error}")
-        return result
 
     result = RunResult(workers=workers, seconds=seconds, targets=targets, loadavg_start=os.getloadavg())
     writes: list[float] = []  # seconds spent in each state.json write (with_agent)
@@ -320,11 +316,11 @@ def run_once(
             replicas = harness.running_replicas(
                 store, "scale", cfg_hash, [ports[i % len(ports)] for i in range(targets)]
             )
-            harness.instrument_runner(workers=workers, execute=execute, on_sample=samples.append)
+            harness.instrument_runner(on_sample=samples.append, **transport)
             started = monotonic()
             agent, agent_thread = harness.start_agent(store, "scale", harness.FakeEngine(replicas))
         else:
-            runner = ProbeRunner(workers=workers, execute=execute, on_sample=samples.append)
+            runner = ProbeRunner(on_sample=samples.append, **transport)
             started = monotonic()
             for i in range(targets):
                 runner.watch(f"t{i}", "127.0.0.1", ports[i % len(ports)], [probe])
@@ -379,6 +375,8 @@ def run_once(
     result.window_seconds = wall
     result.probes_in_window = in_window
     result.probes_total = len(samples)
+    failures = [f"{s.key}: {s.result.error}" for s in samples if not s.result.ok]
+    durations = [s.ended - s.started for s in samples]
     result.failures = len(failures)
     result.failure_examples = failures[:5]
     result.first_round_ms = _summary(first_round)
@@ -475,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of each run")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds before the CPU window")
     parser.add_argument(
-        "--workers", default=None, help="comma-separated worker counts (default: DEFAULT_WORKERS)"
+        "--workers",
+        default="0",
+        help="comma-separated: 0 for the runner's socket loop, N for blocking probes on N threads",
     )
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds over the worker counts")
     parser.add_argument("--server", choices=("nginx", "asyncio"), default=None)
@@ -494,9 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= args.warmup + 1:
         parser.error("--seconds must exceed --warmup by more than 1")
 
-    from dstackctl.probes import DEFAULT_WORKERS
-
-    worker_counts = [int(w) for w in (args.workers or str(DEFAULT_WORKERS)).split(",")]
+    worker_counts = [int(w) for w in args.workers.split(",")]
     notes: list[str] = []
     server_kind = args.server or ("nginx" if os.access(NGINX, os.X_OK) else "asyncio")
     ports = list(range(args.base_port, args.base_port + (args.ports or args.targets)))

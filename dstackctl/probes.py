@@ -1,4 +1,4 @@
-"""HTTP probes: one request per check, and a scheduler with a bounded pool of workers.
+"""HTTP probes: what their results mean, and the runner that schedules them.
 
 Semantics (dstack's, see the design notes): a 2xx response is a success and adds one to the
 probe's streak; anything else (other status, redirect, refused, timeout) resets it to 0. A
@@ -14,107 +14,23 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import re
-import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from urllib.parse import quote
 
-from dstackctl import __version__
 from dstackctl.config.probe_model import ProbeConfig
+from dstackctl.probe_transport import CallTransport, Done, ProbeLoop
+from dstackctl.probe_wire import PROXY_ANSWERS, ProbeResult, can_connect, execute_probe, request_bytes
 from dstackctl.status import ProbeView
 from dstackctl.timeutil import utc_now
 
-USER_AGENT = f"dstackctl/{__version__}"
-# Only the status line is read; anything after the first 8 KiB is never looked at.
-STATUS_LINE_CAP_BYTES = 8 * 1024
-_STATUS_LINE = re.compile(rb"^HTTP/1\.[01] (\d{3})")
 FAILURES_TO_LEAVE = 3
-DEFAULT_WORKERS = 32
 CONNECT_RETRY_SECONDS = 0.2
-CONNECT_TIMEOUT_SECONDS = 2.0
 # The scheduler's index of a target's connect check (its probes are 0, 1, ...).
 _CONNECT = -1
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    ok: bool
-    status: int | None
-    error: str | None
-
-
-def request_bytes(host: str, port: int, probe: ProbeConfig) -> bytes:
-    """The whole HTTP/1.1 request of a probe; header values cannot smuggle a line break."""
-    url = quote(probe.url, safe="/?&=%:+,;@!$'()*~#[]-._")
-    lines = [
-        f"{probe.method.upper()} {url} HTTP/1.1",
-        f"Host: {host}:{port}",
-        f"User-Agent: {USER_AGENT}",
-        "Connection: close",
-    ]
-    lines += [f"{h.name}: {_one_line(h.value)}" for h in probe.headers]
-    body = probe.body.encode() if probe.body is not None else b""
-    if probe.body is not None:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body
-
-
-def _one_line(value: str) -> str:
-    return value.replace("\r", " ").replace("\n", " ")
-
-
-NO_RESPONSE = "closed the connection without a response"
-# What Docker's userland proxy does when nothing listens behind a published port (it varies).
-_PROXY_ANSWERS = (NO_RESPONSE, "connection reset")
-
-
-def execute_probe(host: str, port: int, probe: ProbeConfig) -> ProbeResult:
-    """Send one probe request and read its status line; never raises, never follows redirects.
-
-    A plain socket rather than http.client: a probe needs the status code only, and parsing
-    the headers with http.client cost about half of the runner's CPU at 1000 probes/s.
-    """
-    deadline = time.monotonic() + probe.timeout
-    try:
-        with socket.create_connection((host, port), timeout=probe.timeout) as sock:
-            sock.sendall(request_bytes(host, port, probe))
-            head = b""
-            while b"\n" not in head and len(head) < STATUS_LINE_CAP_BYTES:
-                sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = sock.recv(STATUS_LINE_CAP_BYTES - len(head))
-                if not chunk:
-                    break
-                head += chunk
-    except ConnectionRefusedError:
-        return ProbeResult(False, None, "connection refused")
-    except TimeoutError:
-        return ProbeResult(False, None, f"timed out after {probe.timeout}s")
-    except ConnectionResetError:
-        return ProbeResult(False, None, "connection reset")
-    except OSError as exc:
-        return ProbeResult(False, None, f"{type(exc).__name__}: {exc.strerror or exc}"[:200])
-    if not head:
-        return ProbeResult(False, None, NO_RESPONSE)
-    match = _STATUS_LINE.match(head)
-    if match is None:
-        return ProbeResult(False, None, "answered with something that is not HTTP")
-    status = int(match.group(1))
-    if 200 <= status < 300:
-        return ProbeResult(True, status, None)
-    return ProbeResult(False, status, f"HTTP {status}")
-
-
-def can_connect(host: str, port: int) -> bool:
-    """True when a TCP connection to host:port succeeds: something listens there."""
-    try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS):
-            return True
-    except OSError:
-        return False
+# The longest the runner's thread sleeps without looking at its stop flag.
+_MAX_WAIT_SECONDS = 0.5
 
 
 def recorded(probe: ProbeView, result: ProbeResult) -> ProbeView:
@@ -140,6 +56,7 @@ class _Target:
     port: int
     probes: list[ProbeConfig]
     statuses: list[ProbeView]
+    requests: list[bytes]  # each probe's request, built once
     address: tuple[str, int] | None = None  # for the connect check of a probe-less replica
     inside: tuple[str, int] | None = None  # the container's own address and port
     connected: bool = False
@@ -170,38 +87,47 @@ def _carried_over(fresh: list[ProbeView], carried: tuple[ProbeView, ...] | None)
 
 @dataclass(frozen=True)
 class ProbeSample:
-    """One executed probe, for measuring the scheduler: when it was due and when it began."""
+    """One finished probe or connect check, for measuring the runner: when it was due, began
+    and ended, and its result."""
 
     key: str
     index: int
     due: float
     started: float
+    ended: float
+    result: ProbeResult
 
 
 class ProbeRunner:
-    """Runs every probe of every registered replica on a shared scheduler and worker pool."""
+    """Runs every probe of every registered replica from one thread: a schedule of due
+    probes, and the transport that carries them out (non-blocking sockets by default).
+
+    `execute` and `connect` replace the sockets with blocking functions run on a pool of
+    `workers` threads (tests script outcomes that way).
+    """
 
     def __init__(
         self,
-        workers: int = DEFAULT_WORKERS,
         on_change: Callable[[str], None] = lambda _key: None,
-        execute: Callable[[str, int, ProbeConfig], ProbeResult] = execute_probe,
         on_sample: Callable[[ProbeSample], None] | None = None,
-        connect: Callable[[str, int], bool] = can_connect,
+        execute: Callable[[str, int, ProbeConfig], ProbeResult] | None = None,
+        connect: Callable[[str, int], bool] | None = None,
+        workers: int = 4,
     ) -> None:
-        self._execute = execute
-        self._connect = connect
+        self._execute = execute or execute_probe
         self._on_change = on_change
         self._on_sample = on_sample
         self._targets: dict[str, _Target] = {}
         self._heap: list[tuple[float, int, str, int, int]] = []
         self._sequence = itertools.count()
         self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="probe")
-        self._scheduler = threading.Thread(target=self._schedule, name="probe-scheduler", daemon=True)
-        self._scheduler.start()
+        self._loop = ProbeLoop()
+        self._transport: ProbeLoop | CallTransport = self._loop
+        if execute is not None or connect is not None:
+            self._transport = CallTransport(self._execute, connect or can_connect, workers)
+        self._thread = threading.Thread(target=self._run, name="probes", daemon=True)
+        self._thread.start()
 
     # --- registration -------------------------------------------------------------------
 
@@ -233,6 +159,7 @@ class ProbeRunner:
                 host=host,
                 port=port,
                 probes=probes,
+                requests=[request_bytes(host, port, p) for p in probes],
                 statuses=_carried_over(statuses, carried if current is None else None),
                 address=None if probes else (address or (host, port)),
                 inside=address,
@@ -244,7 +171,7 @@ class ProbeRunner:
             now = time.monotonic()
             for index in range(len(probes)) if probes else [_CONNECT]:
                 heapq.heappush(self._heap, (now, next(self._sequence), key, index, target.generation))
-            self._wakeup.notify()
+        self._loop.wake()
         self._on_change(key)
 
     def forget(self, key: str) -> None:
@@ -283,48 +210,87 @@ class ProbeRunner:
         return snapshot[1] if snapshot else None
 
     def close(self, timeout: float = 1.0) -> None:
-        """Stop scheduling; running probes are abandoned (their threads end with their timeout)."""
+        """Stop probing; probes in flight are abandoned."""
         self._stop.set()
+        self._loop.wake()
+        self._thread.join(timeout)
+        if isinstance(self._transport, CallTransport):
+            self._transport.close()
+
+    # --- the runner's thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                wait = self._start_due()
+                in_flight = self._loop.seconds_to_deadline()
+                self._loop.poll(min(wait, in_flight) if in_flight is not None else wait)
+        finally:
+            self._loop.close()
+
+    def _start_due(self) -> float:
+        """Start every probe that is due; returns the seconds until the next one is."""
+        due_now: list[tuple[_Target, int, float]] = []
         with self._lock:
-            self._wakeup.notify_all()
-        self._scheduler.join(timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-    # --- scheduling ---------------------------------------------------------------------
-
-    def _schedule(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                if not self._heap:
-                    self._wakeup.wait(0.5)
-                    continue
-                due, _, key, index, generation = self._heap[0]
-                delay = due - time.monotonic()
-                if delay > 0:
-                    self._wakeup.wait(min(delay, 0.5))
-                    continue
-                heapq.heappop(self._heap)
+            now = time.monotonic()
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                due, _, key, index, generation = heapq.heappop(heap)
                 target = self._targets.get(key)
-                if target is None or target.generation != generation:
-                    continue
-            self._pool.submit(self._probe, target, index, due)
+                if target is not None and target.generation == generation:
+                    due_now.append((target, index, due))
+            wait = min(heap[0][0] - now, _MAX_WAIT_SECONDS) if heap else _MAX_WAIT_SECONDS
+        for target, index, due in due_now:
+            self._begin(target, index, due)
+        return wait
 
-    def _probe(self, target: _Target, index: int, due: float) -> None:
-        if self._stop.is_set():
-            return
+    def _begin(self, target: _Target, index: int, due: float) -> None:
         started = time.monotonic()
-        if self._on_sample is not None:
-            self._on_sample(ProbeSample(target.key, index, due, started))
         if index == _CONNECT:
-            self._check_connect(target)
+            assert target.address is not None
+            done = self._finisher(target, index, due, started, self._connected)
+            self._transport.connect(*target.address, done)
             return
-        probe = target.probes[index]
-        result = self._execute(target.host, target.port, probe)
-        if result.error in _PROXY_ANSWERS and target.inside and not self._connect(*target.inside):
-            # Docker's proxy took the connection, but nothing listens behind it.
-            result = ProbeResult(
-                False, None, f"nothing answers on port {target.inside[1]} inside the container; check `port:`"
+        finish = self._finisher(target, index, due, started, self._probed)
+        if target.inside is None:
+            self._transport.probe(
+                target.host, target.port, target.probes[index], finish, target.requests[index]
             )
+            return
+        inside = target.inside
+
+        def check_behind_proxy(result: ProbeResult) -> None:
+            if result.error not in PROXY_ANSWERS:
+                finish(result)
+                return
+            # Docker's proxy took the connection; does anything listen behind it?
+            nothing = ProbeResult(
+                False, None, f"nothing answers on port {inside[1]} inside the container; check `port:`"
+            )
+            self._transport.connect(*inside, lambda behind: finish(result if behind.ok else nothing))
+
+        probe, request = target.probes[index], target.requests[index]
+        self._transport.probe(target.host, target.port, probe, check_behind_proxy, request)
+
+    def _finisher(
+        self,
+        target: _Target,
+        index: int,
+        due: float,
+        started: float,
+        record: Callable[[_Target, int, ProbeResult], None],
+    ) -> Done:
+        def finish(result: ProbeResult) -> None:
+            if self._stop.is_set():
+                return
+            if self._on_sample is not None:
+                self._on_sample(ProbeSample(target.key, index, due, started, time.monotonic(), result))
+            record(target, index, result)
+
+        return finish
+
+    def _probed(self, target: _Target, index: int, result: ProbeResult) -> None:
+        probe = target.probes[index]
         with target.lock:
             previous, was_in_rotation = target.statuses[index], target.in_rotation
             status = target.statuses[index] = recorded(previous, result)
@@ -337,9 +303,8 @@ class ProbeRunner:
         if not stop_probing:
             self._schedule_next(target, index, probe.interval)
 
-    def _check_connect(self, target: _Target) -> None:
-        assert target.address is not None
-        if not self._connect(*target.address):
+    def _connected(self, target: _Target, index: int, result: ProbeResult) -> None:
+        if not result.ok:
             self._schedule_next(target, _CONNECT, CONNECT_RETRY_SECONDS)
             return
         with target.lock:
@@ -349,14 +314,12 @@ class ProbeRunner:
 
     def _schedule_next(self, target: _Target, index: int, interval: float) -> None:
         with self._lock:
-            if self._targets.get(target.key) is target:
-                entry = (
-                    time.monotonic() + interval,
-                    next(self._sequence),
-                    target.key,
-                    index,
-                    target.generation,
-                )
-                heapq.heappush(self._heap, entry)
-                if self._heap[0] is entry:  # only a new earliest deadline changes the scheduler's wait
-                    self._wakeup.notify()
+            if self._targets.get(target.key) is not target:
+                return
+            entry = (time.monotonic() + interval, next(self._sequence), target.key, index, target.generation)
+            heapq.heappush(self._heap, entry)
+            earliest = self._heap[0] is entry
+        # The runner's own thread looks at the schedule before it waits again; any other
+        # thread must wake it when the earliest deadline moved.
+        if earliest and threading.get_ident() != self._thread.ident:
+            self._loop.wake()

@@ -21,7 +21,7 @@ import requests
 from helpers import free_port, wait_until
 
 from dstackctl.config.loader import parse_service
-from dstackctl.probes import execute_probe
+from dstackctl.probe_wire import execute_probe
 
 SERVER = Path(__file__).resolve().parents[2] / "images" / "openai-fake" / "server.py"
 WAIT = 20.0

@@ -7,7 +7,7 @@ import http.server
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
@@ -16,14 +16,9 @@ from helpers import wait_until
 from dstackctl.config.models import ServiceConfiguration
 from dstackctl.config.probe_model import ProbeConfig
 from dstackctl.config.probe_values import resolve_probes
-from dstackctl.probes import (
-    FAILURES_TO_LEAVE,
-    USER_AGENT,
-    ProbeResult,
-    ProbeRunner,
-    execute_probe,
-    recorded,
-)
+from dstackctl.probe_transport import ProbeLoop
+from dstackctl.probe_wire import USER_AGENT, ProbeResult, execute_probe
+from dstackctl.probes import FAILURES_TO_LEAVE, ProbeRunner, recorded
 from dstackctl.status import ProbeView
 
 SLOW_ANSWER_SECONDS = 5.0  # /slow answers this late: far past the probe timeouts used here
@@ -86,49 +81,76 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_2xx_is_success_with_user_agent(server: int) -> None:
-    result = execute_probe("127.0.0.1", server, _probe(url="/health"))
+RunProbe = Callable[[str, int, ProbeConfig], ProbeResult]
+
+
+def _through_the_loop(host: str, port: int, probe: ProbeConfig) -> ProbeResult:
+    """One probe on the runner's non-blocking transport, driven from this thread."""
+    results: list[ProbeResult] = []
+    loop = ProbeLoop()
+    try:
+        loop.probe(host, port, probe, results.append)
+        deadline = time.monotonic() + probe.timeout + 5
+        while not results and time.monotonic() < deadline:
+            in_flight = loop.seconds_to_deadline()
+            loop.poll(min(in_flight, 0.5) if in_flight is not None else 0.5)
+    finally:
+        loop.close()
+    assert results, "the probe never finished"
+    return results[0]
+
+
+@pytest.fixture(params=["blocking", "non-blocking"])
+def run_probe(request: pytest.FixtureRequest) -> RunProbe:
+    """Each probe outcome, both from execute_probe and from the runner's ProbeLoop."""
+    return execute_probe if request.param == "blocking" else _through_the_loop
+
+
+def test_2xx_is_success_with_user_agent(server: int, run_probe: RunProbe) -> None:
+    result = run_probe("127.0.0.1", server, _probe(url="/health"))
     assert result == ProbeResult(True, 200, None)
     assert _Handler.seen[-1]["headers"]["User-Agent"] == USER_AGENT
 
 
 @pytest.mark.parametrize("code", [301, 302, 404, 500, 503])
-def test_other_statuses_fail_and_redirects_are_not_followed(server: int, code: int) -> None:
+def test_other_statuses_fail_and_redirects_are_not_followed(
+    server: int, code: int, run_probe: RunProbe
+) -> None:
     before = len(_Handler.seen)
-    result = execute_probe("127.0.0.1", server, _probe(url=f"/status/{code}"))
+    result = run_probe("127.0.0.1", server, _probe(url=f"/status/{code}"))
     assert result == ProbeResult(False, code, f"HTTP {code}")
     assert len(_Handler.seen) == before + 1  # no second request to the Location
 
 
-def test_post_sends_headers_and_body(server: int) -> None:
+def test_post_sends_headers_and_body(server: int, run_probe: RunProbe) -> None:
     probe = _probe(
         url="/check",
         method="post",
         headers=[{"name": "X-API-Key", "value": "k1"}],
         body='{"level": 2}',
     )
-    assert execute_probe("127.0.0.1", server, probe).ok
+    assert run_probe("127.0.0.1", server, probe).ok
     seen = _Handler.seen[-1]
     assert (seen["method"], seen["path"], seen["body"]) == ("POST", "/check", b'{"level": 2}')
     assert seen["headers"]["X-API-Key"] == "k1"
 
 
-def test_refused_connection() -> None:
-    result = execute_probe("127.0.0.1", _free_port(), _probe())
+def test_refused_connection(run_probe: RunProbe) -> None:
+    result = run_probe("127.0.0.1", _free_port(), _probe())
     assert result == ProbeResult(False, None, "connection refused")
 
 
-def test_timeout_is_reported_with_its_duration(server: int) -> None:
+def test_timeout_is_reported_with_its_duration(server: int, run_probe: RunProbe) -> None:
     started = time.monotonic()
-    result = execute_probe("127.0.0.1", server, _probe(url="/slow", timeout=1))
+    result = run_probe("127.0.0.1", server, _probe(url="/slow", timeout=1))
     assert result == ProbeResult(False, None, "timed out after 1s")
     took = time.monotonic() - started
     assert took < SLOW_ANSWER_SECONDS, f"the probe took {took:.1f}s: it waited for the answer"
 
 
-def test_large_body_is_read_only_up_to_the_cap(server: int) -> None:
+def test_large_body_is_read_only_up_to_the_cap(server: int, run_probe: RunProbe) -> None:
     started = time.monotonic()
-    assert execute_probe("127.0.0.1", server, _probe(url="/big")).ok
+    assert run_probe("127.0.0.1", server, _probe(url="/big")).ok
     assert time.monotonic() - started < 2.0
 
 
@@ -275,7 +297,7 @@ def test_forget_stops_probing_and_close_is_fast() -> None:
     assert len(script.calls[1]) <= count + 1  # at most the probe already under way
     runner.close()
     # close returns within its own timeout, with the scheduler ended rather than abandoned
-    assert not runner._scheduler.is_alive(), "close returned while the scheduler still ran"
+    assert not runner._thread.is_alive(), "close returned while the scheduler still ran"
 
 
 def test_env_interpolation_in_url_headers_and_body() -> None:

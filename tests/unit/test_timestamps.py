@@ -18,7 +18,8 @@ from dstackctl.agent.autoscaler import Autoscaler
 from dstackctl.agent.desired import Deployment
 from dstackctl.config.loader import parse_service
 from dstackctl.deploy import Release
-from dstackctl.probes import ProbeResult, recorded
+from dstackctl.probe_wire import ProbeResult
+from dstackctl.probes import recorded
 from dstackctl.request_rate import RequestRate
 from dstackctl.status import GroupScaling, ObservedState, ProbeView, ReplicaRow
 from dstackctl.store import Store
