@@ -15,9 +15,14 @@ from dstackctl.labels import replica_name
 ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
 
 
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """The keys of `data` that are fields of the dataclass `cls` (older files lack some)."""
-    names = {f.name for f in fields(cls)}
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
     return {key: value for key, value in data.items() if key in names}
 
 

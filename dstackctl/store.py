@@ -77,22 +77,30 @@ class Store:
     def __init__(self, home: Path | None = None) -> None:
         self.home = (home or default_home()).absolute()
         self.services = self.home / "services"
+        self._services = str(self.services)  # plain strings for the paths `ps` reads per service
 
     def service_dir(self, name: str, create: bool = False) -> Path:
-        if name in ("", ".", "..") or "/" in name or "\0" in name:  # a NAME argument like ../x
-            raise NoSuchService(repr(name))
-        path = self.services / name
+        path = Path(self._file(name, ""))
         if create:
             _private_dir(self.home)
             _private_dir(self.services)
             _private_dir(path)
         return path
 
+    def _file(self, name: str, filename: str) -> str:
+        """The path of a file of the service's folder (the folder itself for "")."""
+        if name in ("", ".", "..") or "/" in name or "\0" in name:  # a NAME argument like ../x
+            raise NoSuchService(repr(name))
+        return os.path.join(self._services, name, filename)
+
     def names(self) -> list[str]:
         try:
-            return sorted(p.name for p in self.services.iterdir() if (p / f"{SPEC}.json").exists())
+            entries = os.listdir(self._services)
         except FileNotFoundError:
             return []
+        return sorted(
+            name for name in entries if os.path.exists(os.path.join(self._services, name, f"{SPEC}.json"))
+        )
 
     def exists(self, name: str) -> bool:
         return (self.service_dir(name) / f"{SPEC}.json").exists()
@@ -168,7 +176,7 @@ class Store:
     def agent_alive(self, name: str) -> bool:
         """True while some process holds the service's agent lock (immune to pid reuse)."""
         try:
-            fd = os.open(self.service_dir(name) / "agent.lock", os.O_RDWR)
+            fd = os.open(self._file(name, "agent.lock"), os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
@@ -180,9 +188,10 @@ class Store:
         return False
 
     def read(self, name: str, kind: str) -> Document | None:
-        path = self.service_dir(name) / f"{kind}.json"
+        path = self._file(name, f"{kind}.json")
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as file:
+                raw = file.read()
         except FileNotFoundError:
             return None
         try:
