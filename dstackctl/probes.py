@@ -6,8 +6,8 @@ probe is ready when streak >= ready_after; a replica when all its probes are. Ea
 `interval` after the previous one *ended*. Where we differ from dstack: once a replica is
 ready it leaves rotation only after FAILURES_TO_LEAVE consecutive failures of one probe, and
 comes back when every probe is ready again. A replica without probes is ready once a TCP
-connection to its container's own address succeeds (the connect check, retried every
-CONNECT_RETRY_SECONDS until it does).
+connection to its container's own address succeeds (the connect check, retried until it
+does, soon at first and then every CONNECT_RETRY_SECONDS).
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from dstackctl.status import ProbeView
 from dstackctl.timeutil import utc_now
 
 FAILURES_TO_LEAVE = 3
+# The connect check of a probe-less replica is retried after FIRST_CONNECT_RETRY_SECONDS,
+# then twice as long each time up to CONNECT_RETRY_SECONDS: a replica that listens at once
+# is ready at once, one that takes minutes costs a connection every 0.2 s.
+FIRST_CONNECT_RETRY_SECONDS = 0.02
 CONNECT_RETRY_SECONDS = 0.2
 # The scheduler's index of a target's connect check (its probes are 0, 1, ...).
 _CONNECT = -1
@@ -60,6 +64,7 @@ class _Target:
     address: tuple[str, int] | None = None  # for the connect check of a probe-less replica
     inside: tuple[str, int] | None = None  # the container's own address and port
     connected: bool = False
+    connect_retry: float = FIRST_CONNECT_RETRY_SECONDS
     in_rotation: bool = False
     generation: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -305,7 +310,8 @@ class ProbeRunner:
 
     def _connected(self, target: _Target, index: int, result: ProbeResult) -> None:
         if not result.ok:
-            self._schedule_next(target, _CONNECT, CONNECT_RETRY_SECONDS)
+            self._schedule_next(target, _CONNECT, target.connect_retry)
+            target.connect_retry = min(2 * target.connect_retry, CONNECT_RETRY_SECONDS)
             return
         with target.lock:
             target.connected = True

@@ -1,7 +1,7 @@
 """Publishing observed state: the replicas' phases and the agent's facts, to state.json.
 
-A change pushed by the replica book is written promptly (at most every
-MIN_PUBLISH_GAP_SECONDS); with no change, a heartbeat write every HEARTBEAT_SECONDS.
+A change pushed by the replica book is written promptly (spaced by what a write costs, at
+least MIN_PUBLISH_GAP_SECONDS apart); with no change, a heartbeat every HEARTBEAT_SECONDS.
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from dstackctl.timeutil import utc_now
 from dstackctl.wording import count_of
 
 HEARTBEAT_SECONDS = 2.0
-# Probe results reach the store at most this often, but a change after a quiet spell at once.
-MIN_PUBLISH_GAP_SECONDS = 0.1
+# A change after a quiet spell reaches the store at once; then writes are spaced by
+# PUBLISH_CPU_FACTOR times the CPU the last one took (so they cost at most a tenth of a core:
+# a 1000-replica state is ~650 KiB of JSON), and by at least MIN_PUBLISH_GAP_SECONDS.
+MIN_PUBLISH_GAP_SECONDS = 0.02
+PUBLISH_CPU_FACTOR = 10
 
 log = logging.getLogger("dstackctl.agent")
 
@@ -102,8 +105,9 @@ class StatusPublisher:
             self._store.write(self._name, STATE, {**document, "agent": agent, "updated_at": utc_now()})
 
     def run(self, stop: threading.Event) -> None:
-        """Writes changes promptly, at most every MIN_PUBLISH_GAP_SECONDS (a thread's body)."""
+        """Writes changes promptly, spaced as MIN_PUBLISH_GAP_SECONDS says (a thread's body)."""
         last_write = 0.0
+        spacing = MIN_PUBLISH_GAP_SECONDS
         problem: str | None = None  # logged once, not on every heartbeat
         while not stop.is_set():
             # Nothing changed: still a heartbeat every HEARTBEAT_SECONDS, also while the
@@ -112,13 +116,14 @@ class StatusPublisher:
                 continue
             # The gap counts from this thread's own last write: the reconcile loop's writes
             # must not delay a probe result that just changed readiness.
-            gap = MIN_PUBLISH_GAP_SECONDS - (time.monotonic() - last_write)
+            gap = spacing - (time.monotonic() - last_write)
             if gap > 0 and stop.wait(gap):
                 return
             self._dirty.clear()
-            last_write = time.monotonic()
+            last_write, cpu = time.monotonic(), time.thread_time()
             try:
                 self.publish()
+                spacing = max(MIN_PUBLISH_GAP_SECONDS, PUBLISH_CPU_FACTOR * (time.thread_time() - cpu))
             except OSError as exc:
                 if str(exc) != problem:
                     log.error("cannot write state: %s", exc)
