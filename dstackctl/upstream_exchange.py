@@ -8,7 +8,6 @@ replica that hangs is given up after `read_timeout` seconds without a byte.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 
 from aiohttp import client_exceptions, http_exceptions, web
@@ -82,25 +81,6 @@ async def _stopped(upload: asyncio.Task[None] | None) -> None:
     await asyncio.wait({upload})
 
 
-async def _unless(sending: asyncio.Task[Exchange], abandoned: asyncio.Event) -> Exchange | None:
-    """What `sending` gives, or None (and `sending` cancelled) once `abandoned` is set."""
-    giving_up: asyncio.Task[object] = asyncio.ensure_future(abandoned.wait())
-    try:
-        done, _ = await asyncio.wait((sending, giving_up), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # cancelled: the client left
-        sending.cancel()
-        raise
-    finally:
-        giving_up.cancel()
-    if sending in done:
-        exchange: Exchange = sending.result()
-        return exchange
-    sending.cancel()  # its connection to the hung replica is closed as it ends
-    with contextlib.suppress(BaseException):
-        await sending
-    return None
-
-
 class Forwarder:
     """Sends requests to replicas over `pool` and relays their answers to the clients."""
 
@@ -115,17 +95,23 @@ class Forwarder:
         """`send`, watched for stalls (stall_watch.py); None when replica `key` was ejected as
         hung while this request, which can safely go elsewhere, waited on it."""
         loop = asyncio.get_running_loop()
-        token, abandoned = self.stalls.wait(key, loop.time(), outgoing.resendable)
+        task = asyncio.current_task()
+        token, waiting = self.stalls.wait(key, loop.time(), task, outgoing.resendable)
         answered_at = None
         try:
-            if not outgoing.resendable:
-                exchange: Exchange | None = await self.send(outgoing, port)
-            else:
-                exchange = await _unless(asyncio.ensure_future(self.send(outgoing, port)), abandoned)
-                if exchange is None and request.transport is None:
-                    raise asyncio.CancelledError  # the client left meanwhile: not sent again
-            answered_at = loop.time() if exchange is not None else None
+            exchange = await self.send(outgoing, port)
+            answered_at = loop.time()
             return exchange
+        except asyncio.CancelledError:
+            if not waiting.abandoned:
+                raise  # the client left, or the endpoint is closing
+            # Cancelled by the stall watch alone (its connection to the hung replica is
+            # closed): take this request elsewhere, unless its client has left meanwhile.
+            if task is not None and hasattr(task, "uncancel"):  # Python 3.11+
+                task.uncancel()
+            if request.transport is None:
+                raise
+            return None
         finally:
             self.stalls.done(key, token, answered_at)
 

@@ -24,10 +24,10 @@ __all__ = ["no_startup_grace", "silent", "upstream"]  # fixtures, used here too
 
 def test_a_replica_is_suspected_after_a_request_waited_on_it_without_any_answer() -> None:
     watch = StallWatch(after=5)
-    watch.wait("a", now=100, resend=True)
-    token, _ = watch.wait("b", now=100, resend=True)
+    watch.wait("a", now=100, task=None, resend=True)
+    token, _ = watch.wait("b", now=100, task=None, resend=True)
     watch.done("b", token, answered_at=101)
-    watch.wait("b", now=101, resend=True)
+    watch.wait("b", now=101, task=None, resend=True)
 
     assert watch.suspects(now=104) == []
     assert watch.suspects(now=105) == ["a"]
@@ -38,8 +38,8 @@ def test_a_replica_is_suspected_after_a_request_waited_on_it_without_any_answer(
 
 def test_an_answer_on_the_replica_clears_the_suspicion_and_a_finished_wait_leaves_nothing() -> None:
     watch = StallWatch(after=5)
-    first, _ = watch.wait("a", now=100, resend=False)
-    second, _ = watch.wait("a", now=102, resend=False)
+    first, _ = watch.wait("a", now=100, task=None, resend=False)
+    second, _ = watch.wait("a", now=102, task=None, resend=False)
     watch.done("a", first, answered_at=104)  # it answered the first: it is alive
 
     assert watch.suspects(now=108) == []
@@ -50,11 +50,12 @@ def test_an_answer_on_the_replica_clears_the_suspicion_and_a_finished_wait_leave
 
 def test_only_requests_that_can_safely_go_elsewhere_are_abandoned() -> None:
     watch = StallWatch(after=5)
-    _, get_event = watch.wait("a", now=100, resend=True)
-    _, post_event = watch.wait("a", now=100, resend=False)
+    _, get = watch.wait("a", now=100, task=None, resend=True)
+    _, post = watch.wait("a", now=100, task=None, resend=False)
 
     assert watch.abandon("a") == 1
-    assert get_event.is_set() and not post_event.is_set()
+    assert get.abandoned and not post.abandoned
+    assert watch.abandon("a") == 0  # once is enough
 
 
 # --- the endpoint -------------------------------------------------------------------------
