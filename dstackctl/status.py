@@ -18,14 +18,17 @@ ROLLOUT_ACTIVE = ("in_progress", "rolling_back")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
 class _Shape:
-    """What the readers need of a dataclass, worked out once."""
+    """What the readers need of a dataclass, worked out once. (Not a dataclass itself: each
+    one costs `ps` most of a millisecond to create at import.)"""
 
-    names: frozenset[str]
-    defaults: dict[str, Any]
-    required: frozenset[str]  # the fields without a default
-    simple: bool  # no default_factory: its defaults can be copied
+    __slots__ = ("defaults", "names", "required", "simple")
+
+    def __init__(self, names: frozenset[str], defaults: dict[str, Any], simple: bool) -> None:
+        self.names = names
+        self.defaults = defaults
+        self.required = names - defaults.keys()  # the fields without a default
+        self.simple = simple  # no default_factory: its defaults can be copied
 
 
 _SHAPES: dict[type, _Shape] = {}
@@ -38,7 +41,7 @@ def _shape(cls: type) -> _Shape:
         defaults = {f.name: f.default for f in found if f.default is not MISSING}
         names = frozenset(f.name for f in found)
         simple = all(f.default_factory is MISSING for f in found)
-        shape = _SHAPES[cls] = _Shape(names, defaults, names - defaults.keys(), simple)
+        shape = _SHAPES[cls] = _Shape(names, defaults, simple)
     return shape
 
 

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -214,6 +213,8 @@ class Store:
         folder = self.service_dir(name, create=True)
         # Compact: indentation turns off the C encoder (5x the CPU for a large state).
         payload = json.dumps({**document, "version": SCHEMA_VERSION}, separators=(",", ":"), sort_keys=True)
+        import tempfile  # here: `ps` reads the store and never needs it (nor random, which it loads)
+
         fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{kind}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:  # mkstemp creates it 0600
