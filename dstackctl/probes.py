@@ -173,11 +173,14 @@ class ProbeRunner:
             if carried is not None and current is None:
                 target.connected = target.in_rotation = True
             self._targets[key] = target
+        self._on_change(key)  # told of the registration before any result of it can arrive
+        with self._lock:
+            if self._targets.get(key) is not target:
+                return
             now = time.monotonic()
             for index in range(len(probes)) if probes else [_CONNECT]:
                 heapq.heappush(self._heap, (now, next(self._sequence), key, index, target.generation))
         self._loop.wake()
-        self._on_change(key)
 
     def forget(self, key: str) -> None:
         with self._lock:
