@@ -202,6 +202,9 @@ class EndpointHost:
             self._listener.close()
 
     def _start(self, listener: socket.socket) -> None:
+        from dstackctl.aiohttp_loading import load_aiohttp
+
+        load_aiohttp()  # before dstackctl.proxy imports it: see aiohttp_loading.py
         from dstackctl.proxy import Endpoint
 
         host, port = listener.getsockname()

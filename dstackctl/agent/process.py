@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _import_endpoint() -> None:
+    from dstackctl.aiohttp_loading import load_aiohttp
+
+    load_aiohttp()
     import dstackctl.proxy  # noqa: F401
 
 
