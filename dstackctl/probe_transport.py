@@ -119,7 +119,7 @@ class ProbeLoop:
             family, address = self._address(host, port)
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            done(failure_of(exc, timeout))
+            _tell(done, failure_of(exc, timeout))  # out of descriptors, say
             return
         sock.setblocking(False)
         exchange = _Exchange(sock, request, timeout, done)
@@ -195,15 +195,19 @@ class ProbeLoop:
         if registered:
             self._selector.unregister(exchange.sock)
         exchange.sock.close()
-        try:
-            exchange.done(result)
-        except Exception:  # one probe's bookkeeping must not stop every other probe
-            log.exception("recording a probe result failed")
+        _tell(exchange.done, result)
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(OSError):
             while self._wake_out.recv(4096):
                 pass
+
+
+def _tell(done: Done, result: ProbeResult) -> None:
+    try:
+        done(result)
+    except Exception:  # one probe's bookkeeping must not stop every other probe
+        log.exception("recording a probe result failed")
 
 
 class CallTransport:

@@ -13,6 +13,8 @@ import pytest
 from helpers import free_port, wait_until
 
 from dstackctl.config.probe_model import ProbeConfig
+from dstackctl.probe_transport import ProbeLoop
+from dstackctl.probe_wire import ProbeResult
 from dstackctl.probes import ProbeRunner, ProbeSample
 
 
@@ -147,3 +149,24 @@ def test_a_replica_without_probes_is_ready_once_its_address_accepts(raw_server: 
     finally:
         runner.close()
     assert not samples[0].result.ok
+
+
+def test_a_result_callback_that_raises_does_not_stop_the_loop(raw_server: Any, caplog: Any) -> None:
+    port = raw_server(_http(200))
+    loop = ProbeLoop()
+    results: list[ProbeResult] = []
+
+    def explode(_result: ProbeResult) -> None:
+        raise RuntimeError("boom")
+
+    try:
+        loop.probe("127.0.0.1", port, _probe(), explode)
+        loop.probe("127.0.0.1", free_port(), _probe(), explode)  # refused
+        loop.probe("127.0.0.1", port, _probe(), results.append)
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:
+            loop.poll(0.1)
+    finally:
+        loop.close()
+    assert results == [ProbeResult(True, 200, None)]
+    assert caplog.text.count("recording a probe result failed") == 2
