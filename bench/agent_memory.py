@@ -31,11 +31,11 @@ from typing import Any
 
 from _report import load_average
 from autoscale import IMAGE, free_port, progress
+from proxy_bench import NGINX
 from soak import BenchError, Service, removed_on_exit
 
 from dstackctl.store import STATE
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TARGET_RSS_MIB = 40.0
 SERVICE = """type: service
 name: {name}

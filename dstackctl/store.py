@@ -97,9 +97,7 @@ class Store:
             entries = os.listdir(self._services)
         except FileNotFoundError:
             return []
-        return sorted(
-            name for name in entries if os.path.exists(os.path.join(self._services, name, f"{SPEC}.json"))
-        )
+        return sorted(name for name in entries if os.path.exists(self._file(name, f"{SPEC}.json")))
 
     def exists(self, name: str) -> bool:
         return (self.service_dir(name) / f"{SPEC}.json").exists()
