@@ -3,6 +3,7 @@ the machine's load and the per-command timing table."""
 
 from __future__ import annotations
 
+import compileall
 import os
 import statistics
 import subprocess
@@ -31,6 +32,19 @@ class Command:
     @property
     def p90_ms(self) -> float:
         return statistics.quantiles(self.times_ms, n=10, method="inclusive")[8]
+
+
+def compile_package() -> None:
+    """Write dstackctl's bytecode, as a wheel install does, so that no timed command compiles
+    source (an editable install under PYTHONDONTWRITEBYTECODE would, on every start)."""
+    if not compileall.compile_dir(REPO_ROOT / "dstackctl", quiet=1):
+        raise SystemExit("compiling dstackctl's modules failed")
+
+
+def paired_median_ms(slower: Command, faster: Command) -> float:
+    """The median of the per-round differences: the rounds are interleaved, so each pair ran
+    under the same machine load, steadier than a difference of medians."""
+    return statistics.median(a - b for a, b in zip(slower.times_ms, faster.times_ms, strict=True))
 
 
 def run_once(command: Command) -> None:

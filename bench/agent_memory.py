@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from _report import load_average
+from _report import compile_package, load_average
 from autoscale import IMAGE, free_port, progress
 from proxy_bench import NGINX
 from soak import BenchError, Service, removed_on_exit
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    compile_package()
     before = load_average()
     rows = [measure(int(n), args.requests) for n in args.replicas.split(",")]
     passed = all(row["agent"]["rss"] <= TARGET_RSS_MIB for row in rows)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from _report import REPO_ROOT, Command, command_table, exit_notes, load_average, run_all
+from _report import REPO_ROOT, Command, command_table, compile_package, exit_notes, load_average, run_all
 
 sys.path.insert(0, str(REPO_ROOT))
 
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary stores (path on stderr)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    compile_package()
     if args.runs < 2:
         parser.error("--runs must be at least 2")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from _report import load_average
+from _report import compile_package, load_average
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "dstackctl-testsrv:latest"
@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-homes", action="store_true", help="keep the DSTACKCTL_HOMEs (path on stderr)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+    compile_package()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     problems = preflight()
