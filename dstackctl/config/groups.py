@@ -17,6 +17,7 @@ from dstackctl.config.fields import (
     PythonVersion,
     Resources,
     Strict,
+    empty_list,
     ignored_field,
     python_version,
 )
@@ -104,7 +105,7 @@ class ReplicaGroup(Strict):
     )
     scaling: ScalingSpec | None = Field(None, description="Autoscaling rules; needs a range.")
     resources: Resources = Field(default_factory=Resources, description="What each replica needs.")
-    commands: list[str] = Field(default_factory=list, description="Shell commands of this group.")
+    commands: list[str] = Field(default_factory=empty_list, description="Shell commands of this group.")
     image: str | None = Field(None, min_length=1, description="Docker image of this group.")
     python: (
         Annotated[

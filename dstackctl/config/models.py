@@ -28,6 +28,7 @@ from dstackctl.config.fields import (
     VolumeMount,
     check_env_unique,
     check_run_name,
+    empty_list,
     env_to_list,
     ignored_field,
     model_from_scalar,
@@ -70,8 +71,10 @@ class ServiceConfiguration(Strict):
     nvcc: bool | None = Field(
         None, description="With `python`: use the base image that has the CUDA compiler."
     )
-    commands: list[str] = Field(default_factory=list, description="Shell commands, joined with ` && `.")
-    setup: list[str] = Field(default_factory=list, description="Deprecated: commands run before `commands`.")
+    commands: list[str] = Field(default_factory=empty_list, description="Shell commands, joined with ` && `.")
+    setup: list[str] = Field(
+        default_factory=empty_list, description="Deprecated: commands run before `commands`."
+    )
     entrypoint: str | None = Field(
         None, description="Replaces the shell that runs `commands` (split like a shell)."
     )
@@ -91,7 +94,7 @@ class ServiceConfiguration(Strict):
         ),
         AfterValidator(check_env_unique),
     ] = Field(
-        default_factory=list,
+        default_factory=empty_list,
         description="Variables: `NAME=value`, or a bare `NAME` taken from your environment; or a mapping.",
     )
     port: Annotated[
@@ -113,7 +116,9 @@ class ServiceConfiguration(Strict):
             VolumeMount,
             BeforeValidator(volume_from_scalar, json_schema_input_type=str | VolumeMount | dict[str, Any]),
         ]
-    ] = Field(default_factory=list, description="Mounts: `/host/path:/container/path[:ro]` or a mapping.")
+    ] = Field(
+        default_factory=empty_list, description="Mounts: `/host/path:/container/path[:ro]` or a mapping."
+    )
     model: (
         Annotated[ModelSpec, BeforeValidator(model_from_scalar, json_schema_input_type=str | ModelSpec)]
         | None

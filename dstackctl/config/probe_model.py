@@ -10,7 +10,7 @@ from pydantic import (
     field_validator,
 )
 
-from dstackctl.config.fields import HEADER_NAME, PROBE_NAMESPACES, Duration, Strict
+from dstackctl.config.fields import HEADER_NAME, PROBE_NAMESPACES, Duration, Strict, empty_list
 from dstackctl.config.interpolation import references
 from dstackctl.config.units import (
     format_duration,
@@ -56,7 +56,7 @@ class ProbeConfig(Strict):
         "get", description="HTTP method, lower-case."
     )
     headers: list[HTTPHeader] = Field(
-        default_factory=list, max_length=16, description="Request headers (at most 16)."
+        default_factory=empty_list, max_length=16, description="Request headers (at most 16)."
     )
     body: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(_check_interpolated)] | None = (
         Field(
