@@ -84,6 +84,15 @@ def hide_probe_values(data: dict[str, Any]) -> dict[str, str]:
     return hidden
 
 
+def wants_gpus(loaded: LoadedConfig) -> bool:
+    """Whether any replica group asks for GPUs."""
+    config = loaded.config
+    return any(
+        spec is not None and spec.wants_gpus
+        for spec in (config.for_group(name).resources.gpu for name in config.group_counts)
+    )
+
+
 def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[tuple[str, int, list[Any]]] | None:
     """Which GPUs each replica would get now, as (group, replica, GPUs); None when no group
     asks for GPUs. Groups are served in order, none sharing a GPU.
@@ -97,7 +106,7 @@ def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[tuple[st
     wanting = [
         (name, count, config.for_group(name).resources.gpu) for name, count in config.group_counts.items()
     ]
-    if not any(spec is not None and spec.wants_gpus for _, _, spec in wanting):
+    if not wants_gpus(loaded):
         return None
     gpus = discover()
     taken = engine.gpus_in_use() if engine is not None else set()

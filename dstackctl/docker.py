@@ -16,8 +16,15 @@ import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest
 
-from dstackctl.docker_address import DEFAULT_SOCKET, engine_address
-from dstackctl.errors import DstackctlError
+from dstackctl.docker_address import (
+    DEFAULT_SOCKET,
+    PERMISSION_DENIED,
+    engine_address,
+    not_running,
+)
+from dstackctl.docker_address import (
+    DockerError as DockerError,  # re-exported: its home is docker_address, free of docker-py
+)
 from dstackctl.labels import (
     LABEL_GPUS,
 )
@@ -32,27 +39,16 @@ NO_GPU_RUNTIME = (
 )
 
 
-class DockerError(DstackctlError):
-    """The engine refused or failed an operation."""
-
-
 def _engine_error(exc: Exception, tried: str | None = None) -> DockerError:
     text = str(exc)
     if isinstance(exc, docker.errors.DockerException) and "Permission denied" in text:
-        return DockerError(
-            "permission denied on the Docker socket; add your user to the `docker` group "
-            "(then log in again) or run as root"
-        )
+        return DockerError(PERMISSION_DENIED)
     if (
         "No such file or directory" in text
         or "Connection refused" in text
         or isinstance(exc, requests.exceptions.ConnectionError)
     ):
-        return DockerError(
-            f"Docker is not running (cannot reach {tried or 'its socket'}); start it with "
-            f"`sudo systemctl start docker` or `sudo dockerd &`, or point DOCKER_HOST or "
-            f"DOCKER_CONTEXT at a running engine"
-        )
+        return not_running(tried)
     return DockerError(f"cannot talk to Docker: {text}")
 
 

@@ -157,12 +157,17 @@ def _load(path: Path, env: list[str]) -> tuple[LoadedConfig, dict[str, str]]:
 def _start(
     loaded: LoadedConfig, service: str, env_values: dict[str, str], seconds: int, options: _Options
 ) -> int:
-    from dstackctl.deploy import gpu_plan, submit
-    from dstackctl.docker import DockerEngine
+    from dstackctl.agent import warm_start
+    from dstackctl.deploy import gpu_plan, submit, wants_gpus
+    from dstackctl.docker_ping import ping_local_engine
     from dstackctl.endpoint_port import endpoint_port
     from dstackctl.store import Store
 
-    engine = DockerEngine.connect()
+    engine = None  # docker-py is not loaded for a local engine when no GPU is wanted
+    if not ping_local_engine() or wants_gpus(loaded):
+        from dstackctl.docker import DockerEngine
+
+        engine = DockerEngine.connect()
     store = Store()
     port, detach, no_wait = options.port, options.detach, options.no_wait
     spec = store.read(service, "spec") if store.exists(service) else None
@@ -172,8 +177,12 @@ def _start(
         confirmed = _confirm_changes(store, loaded, service, env_values, options.yes)
         _move_endpoint(store, service, endpoint_port(loaded, port))
         if not confirmed and options.force:
+            warm_start.release()
             return _restart(store, loaded, service, env_values, seconds, no_wait)
-    submitted = submit(store, loaded, service, env_values, port, seconds)
+    try:
+        submitted = submit(store, loaded, service, env_values, port, seconds)
+    finally:
+        warm_start.release()  # the agent was started by now, or none was needed
     if submitted.agent_restarted:
         warn(f"the agent of {service} was not running; restarted it")
     if submitted.outcome == "rollout":
@@ -195,7 +204,7 @@ def _start(
     code = _wait_until_ready(store, service, seconds, submitted.outcome)
     if code is not None or detach or submitted.outcome != "started":
         return code or ExitCode.OK
-    return attach(store, service, engine)
+    return attach(store, service)
 
 
 def _confirm_changes(

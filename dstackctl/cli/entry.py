@@ -41,12 +41,21 @@ def _only_help(args: list[str]) -> bool:
     return not args or any(arg in ("-h", "--help", "--version") for arg in args)
 
 
+def _may_start_an_agent(args: list[str]) -> bool:
+    """`run` and `apply` of a new service start its agent: worth a warm supervisor."""
+    return args[0] in ("run", "apply") and "--dry-run" not in args and not _only_help(args)
+
+
 def main() -> None:
     gc_policy.pause()
     # dstackctl's config models use no pydantic plugins; looking for them reads the metadata
     # of every installed package (~15 ms on each command).
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     args = sys.argv[1:]
+    if args and _may_start_an_agent(args):
+        from dstackctl.agent import warm_start
+
+        warm_start.prepare()  # before anything is imported or opened: see agent/warm_start.py
     try:
         code = run_fast_path(args)
         if code is not None:

@@ -117,7 +117,7 @@ class Progress:
             typer.echo(text, err=True)
 
 
-def attach(store: Any, service: str, engine: Any) -> int:
+def attach(store: Any, service: str) -> int:
     from dstackctl.replica_logs import Filter, follow_service
 
     typer.echo(f"Showing the logs of {service}; Ctrl-C detaches (the service keeps running).", err=True)

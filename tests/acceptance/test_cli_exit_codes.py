@@ -8,12 +8,14 @@ Every test has its own ``$DSTACKCTL_HOME`` (fixture ``dstack_home``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -364,7 +366,42 @@ def test_the_console_script_forks_a_detached_agent_that_keeps_none_of_the_clis_f
     assert os.readlink(f"/proc/{pid}/fd/1") == log
     assert os.readlink(f"/proc/{pid}/fd/2") == log
     assert os.readlink(f"/proc/{pid}/fd/0") == os.devnull
-    assert f"agent for forked started (pid {pid})" in Path(log).read_text()
+    written = Path(log).read_text()
+    assert f"agent for forked started (pid {pid})" in written
+    # Its supervisor was the one forked before the CLI imported anything (agent/warm_start.py).
+    supervisor = store.agent_processes("forked")[-1]
+    assert f"supervisor of forked started while the CLI checked the file (pid {supervisor})" in written
 
     assert dstackctl("stop", "forked").returncode == 0
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=15, what="the agent to exit")
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Live processes whose environment holds `marker` (zombies have none to read)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("config", ["invalid", "no docker"])
+def test_a_run_that_starts_no_agent_leaves_no_process_behind(
+    dstack_home: Path, tmp_path: Path, config: str
+) -> None:
+    # `run` forks a warm supervisor first thing; when no agent is started it must exit.
+    marker = f"DSTACKCTL_TEST_MARKER={uuid.uuid4().hex}"
+    env = {"DSTACKCTL_TEST_MARKER": marker.partition("=")[2]}
+    if config == "invalid":
+        path = tmp_path / "broken.dstack.yml"
+        path.write_text("type: service\nimage: busybox\nport: 8000\nreplicas: -1\n")
+        expected = 2
+    else:
+        path = write_service(tmp_path, "nodocker", "dstackctl-testsrv:latest", [HTTPD])
+        env["DOCKER_HOST"] = NO_DOCKER
+        expected = 1
+
+    assert dstackctl("run", "-d", path, env=env).returncode == expected
+    wait_until(lambda: not _processes_with(marker), timeout=30, what="the warm supervisor to exit")
