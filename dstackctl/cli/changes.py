@@ -53,10 +53,23 @@ def confirm_update(service: str, changes: list[str], yes: bool) -> None:
             f"(`dstackctl apply -y -f FILE`), or give this one another name with -n NAME",
             ExitCode.USAGE,
         )
-    import typer
+    if not _confirmed(f"Update {service}?"):
+        raise DstackctlError(f"{service} was not updated; it keeps running as it was", ExitCode.INTERRUPTED)
 
-    if not typer.confirm(f"Update {service}?", err=True):
-        raise typer.Abort()
+
+def _confirmed(question: str) -> bool:
+    """Ask on the terminal (the question on stderr, like the rest of the words); only y or
+    yes goes ahead; an empty answer or end of input does not; Ctrl-C interrupts."""
+    while True:
+        sys.stderr.write(f"{question} [y/N]: ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        answer = line.strip().lower()
+        if not line or answer in ("", "n", "no"):
+            return False
+        if answer in ("y", "yes"):
+            return True
+        sys.stderr.write("Answer y or n.\n")
 
 
 def _show(value: Any) -> str:

@@ -5,17 +5,13 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-import typer
-
 from dstackctl.cli import gc_policy
-from dstackctl.cli.output import state
+from dstackctl.cli.output import echo, state
 from dstackctl.errors import DstackctlError, ExitCode, UsageError
 
 if TYPE_CHECKING:
     from dstackctl.runs import RunView
     from dstackctl.waiting import Outcome
-
-DEFAULT_TIMEOUT = "10m"
 
 
 def parse_timeout(text: str) -> int:
@@ -41,7 +37,7 @@ def wait_rollout_and_report(
     try:
         outcome = wait_rollout(store, service, deployment_num, overall, Progress().show)
     except KeyboardInterrupt:
-        typer.echo(
+        echo(
             f"Interrupted; the agent carries on with the rollout of {service} (`dstackctl ps -v {service}`).",
             err=True,
         )
@@ -67,7 +63,7 @@ def report(outcome: Outcome, action: str) -> None:
         print_result(outcome.view, action, outcome.exit_code, outcome.message)
     if outcome.exit_code != ExitCode.OK:
         raise DstackctlError(outcome.message, outcome.exit_code)
-    typer.echo(outcome.message + urls(outcome.view), err=state.as_json)
+    echo(outcome.message + urls(outcome.view), err=state.as_json)
 
 
 def print_result(view: RunView | None, action: str, exit_code: int, message: str) -> None:
@@ -83,7 +79,7 @@ def print_result(view: RunView | None, action: str, exit_code: int, message: str
         "message": message,
         "replicas": view.to_json()["replicas"] if view else [],
     }
-    typer.echo(json.dumps(document))
+    echo(json.dumps(document))
 
 
 def urls(view: RunView | None) -> str:
@@ -114,19 +110,19 @@ class Progress:
             if self._last.get(key) == text:
                 continue
             self._last[key] = text
-            typer.echo(text, err=True)
+            echo(text, err=True)
 
 
 def attach(store: Any, service: str) -> int:
     from dstackctl.replica_logs import Filter, follow_service
 
-    typer.echo(f"Showing the logs of {service}; Ctrl-C detaches (the service keeps running).", err=True)
+    echo(f"Showing the logs of {service}; Ctrl-C detaches (the service keeps running).", err=True)
     try:
         print_logs(follow_service(store, service, Filter(), None), prefix=True)
     except KeyboardInterrupt:
-        typer.echo(f"\nDetached. {service} keeps running; stop it with `dstackctl stop {service}`.", err=True)
+        echo(f"\nDetached. {service} keeps running; stop it with `dstackctl stop {service}`.", err=True)
         return ExitCode.OK
-    typer.echo(f"{service} stopped; `dstackctl ps -a {service}` shows it.", err=True)
+    echo(f"{service} stopped; `dstackctl ps -a {service}` shows it.", err=True)
     return ExitCode.OK
 
 

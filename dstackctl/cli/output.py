@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-
-import typer
 
 
 @dataclass
@@ -16,8 +15,16 @@ class _State:
 state = _State()
 
 
+def echo(message: str, err: bool = False) -> None:
+    """One line on stdout (stderr with `err`), flushed: what typer.echo does with text,
+    without loading typer (the fast paths of cli/entry.py use this too)."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(f"{message}\n")
+    stream.flush()
+
+
 def warn(message: str) -> None:
-    typer.echo(f"warning: {message}", err=True)
+    echo(f"warning: {message}", err=True)
 
 
 def service_names(incomplete: str) -> list[str]:

@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import typer
-
+from dstackctl.cli.output import echo
 from dstackctl.errors import DstackctlError, ExitCode
 from dstackctl.wording import replicas_of
 
@@ -39,9 +38,9 @@ def dry_run(path: Path, name: str | None, env: list[str], port: int | None) -> i
         gpus = None
         problems.append(f"{_gpu_place(loaded)}: {exc.message}")
         code = code or ExitCode.FAILED
-    typer.echo(plan_text(loaded, run_name(loaded, name), env_values, port, gpus))
+    echo(plan_text(loaded, run_name(loaded, name), env_values, port, gpus))
     for problem in problems:
-        typer.echo(f"error: {problem}", err=True)
+        echo(f"error: {problem}", err=True)
     return code
 
 

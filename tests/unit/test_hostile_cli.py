@@ -431,3 +431,59 @@ def test_hostile_files_are_refused_within_bounded_time_and_memory(tmp_path: Path
     assert "Traceback" not in result["output"]
     assert result["seconds"] < SECONDS, f"{case} took {result['seconds']:.2f}s"
     assert result["grew_mb"] < PEAK_GROWTH_MB, f"{case} grew the peak RSS by {result['grew_mb']:.0f} MB"
+
+
+RUN_FLAGS = ["-d", "--detach", "--no-wait", "-y", "--yes", "--json", "--dry-run", "--force"]
+run_words = st.sampled_from(
+    [*RUN_FLAGS, "-dy", "--", "-", "-h", "--help", "--bogus", "--port=80", "--debug", *FILES]
+)
+run_options = st.tuples(
+    st.sampled_from(["-f", "--file", "-n", "--name", "--timeout", "-e", "--env", "--port"]),
+    st.sampled_from([*FILES, "60s", "1m30s", "0s", "0", "80", "70000", "NEEDED=1", "1BAD=x", "web"])
+    | st.sampled_from(["Bad Name", "-d", "", "NEEDED"])
+    | free_text,
+)
+run_tails = st.lists(run_words.map(lambda word: [word]) | run_options.map(list), max_size=6).map(
+    lambda parts: [word for part in parts for word in part]
+)
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(st.sampled_from(["run", "apply"]), run_tails)
+def test_run_on_the_fast_path_answers_exactly_as_the_typer_app(
+    private: Path, command: str, args: list[str]
+) -> None:
+    fast = fast_path_of([command, *args])
+    if fast is None:  # help, usage errors and anything else its small parser does not take
+        return
+    assert fast == cli([command, *args]), f"{command} {args!r}"
+    assert not private.exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "-d", "-e", "NEEDED=1", "valid.yml"],
+        ["run", "-f", "valid.yml", "-d", "--timeout", "60s", "-e", "NEEDED=1", "--port", "8080"],
+        ["run", "--dry-run", "-e", "NEEDED=1", "valid.yml"],
+        ["run", "valid.yml"],
+        ["apply", "-f", "valid.yml", "-y", "--force", "--json", "-e", "NEEDED=1"],
+        ["run", "-d", "--no-wait", "valid.yml"],
+    ],
+)
+def test_the_common_run_command_lines_take_the_fast_path(private: Path, args: list[str]) -> None:
+    fast = fast_path_of(args)
+    assert fast is not None, f"{args!r} went to typer"
+    assert fast == cli(args)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "-h"], ["run", "--port", "0", "valid.yml"], ["run", "-dy", "valid.yml"], ["apply", "--dry-run"]],
+)
+def test_what_the_run_fast_path_does_not_take_goes_to_typer(private: Path, args: list[str]) -> None:
+    assert fast_path_of(args) is None
