@@ -7,7 +7,6 @@ they are ignored. Cross-field rules that need a precise path live in `ServiceCon
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
@@ -241,6 +240,8 @@ class ServiceConfiguration(Strict):
             return list(self.probes)
         if self.model is None:
             return []
+        import json  # here: only model services need it, and `validate` need not load it
+
         body = json.dumps(
             {
                 "model": self.model.name,
