@@ -34,11 +34,12 @@ class Command:
         return statistics.quantiles(self.times_ms, n=10, method="inclusive")[8]
 
 
-def compile_package() -> None:
-    """Write dstackctl's bytecode, as a wheel install does, so that no timed command compiles
-    source (an editable install under PYTHONDONTWRITEBYTECODE would, on every start)."""
-    if not compileall.compile_dir(REPO_ROOT / "dstackctl", quiet=1):
-        raise SystemExit("compiling dstackctl's modules failed")
+def compile_package(checkout: Path = REPO_ROOT) -> None:
+    """Write dstackctl's bytecode in `checkout`, as a wheel install does, so that no timed
+    command compiles source (an editable install under PYTHONDONTWRITEBYTECODE would, on
+    every start)."""
+    if not compileall.compile_dir(checkout / "dstackctl", quiet=1):
+        raise SystemExit(f"compiling dstackctl's modules in {checkout} failed")
 
 
 def paired_median_ms(slower: Command, faster: Command) -> float:

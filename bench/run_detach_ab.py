@@ -12,7 +12,6 @@ first on PYTHONPATH (its bytecode written first), in its own DSTACKCTL_HOME and 
 from __future__ import annotations
 
 import argparse
-import compileall
 import json
 import secrets
 import shutil
@@ -22,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import run_detach as rd
-from _report import REPO_ROOT, load_average
+from _report import REPO_ROOT, compile_package, load_average
 
 
 def _cli(tree: Path) -> list[str]:
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{tree} holds no dstackctl package")
         trees[str(tree)] = tree.resolve()
     for tree in trees.values():
-        compileall.compile_dir(tree / "dstackctl", quiet=1)
+        compile_package(tree)
     problems = rd.preflight()
     if problems:
         print("\n".join(problems), file=sys.stderr)

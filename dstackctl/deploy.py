@@ -102,12 +102,12 @@ def gpu_plan(loaded: LoadedConfig, engine: DockerEngine | None) -> list[tuple[st
     """
     from dstackctl.gpus import assign, discover
 
+    if not wants_gpus(loaded):
+        return None
     config = loaded.config
     wanting = [
         (name, count, config.for_group(name).resources.gpu) for name, count in config.group_counts.items()
     ]
-    if not wants_gpus(loaded):
-        return None
     gpus = discover()
     taken = engine.gpus_in_use() if engine is not None else set()
     result: list[tuple[str, int, list[Any]]] = []

@@ -102,7 +102,8 @@ def become_supervisor(home: str, name: str) -> int:
 
 def preload() -> None:
     """Import what the supervisor and its agents run: a restarted agent then starts without
-    importing anything (~40 ms over what the CLI has loaded; ~0.35 s from nothing)."""
+    importing anything (~0.37 s from nothing, as the warm supervisor does it; less in a
+    supervisor forked from a CLI that loaded pydantic and the config models)."""
     from dstackctl.agent import service_agent  # noqa: F401
     from dstackctl.agent.supervisor import Supervisor  # noqa: F401
 

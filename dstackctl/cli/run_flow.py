@@ -91,7 +91,7 @@ def _start(
     from dstackctl.store import Store
 
     engine = None  # docker-py is not loaded for a local engine when no GPU is wanted
-    if not ping_local_engine() or wants_gpus(loaded):
+    if wants_gpus(loaded) or not ping_local_engine():  # connect() pings for itself
         from dstackctl.docker import DockerEngine
 
         engine = DockerEngine.connect()
